@@ -1,0 +1,415 @@
+"""Training by Bayes by Backprop: the minibatch ELBO as a module, and ``fit``.
+
+For minibatch i of M the paper minimizes (Blundell et al. 2015, eq. 8-9)
+
+    F_i = pi_i KL[q(w) || P(w)] - E_q[log P(D_i | w)],   sum_i pi_i = 1,
+
+with pi_i = 1/M ("uniform") or pi_i = 2^(M-i) / (2^M - 1) ("blundell": early
+minibatches weigh the prior more).  :func:`fit` optimizes M * F_i with the
+likelihood scaled from the minibatch to the whole data set (the data plate's
+subsampling), so that a "uniform" step is the usual unbiased estimate of the
+negative ELBO and the losses read on one scale whatever the batch size.  The
+KL weight M * pi_i multiplies every latent site, in model and guide alike, so
+the closed-form and the Monte Carlo KL are weighted the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.poutine.messenger import Messenger
+from torch import Tensor, nn
+from torch.distributions import kl_divergence
+from tqdm.auto import tqdm
+
+from . import _checks
+
+__all__ = ["BBBLoss", "History", "NonFiniteLossError", "fit", "kl_weights"]
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or a gradient went NaN/inf; the message names the step and the culprit."""
+
+
+def kl_weights(num_batches: int, scheme: str = "uniform") -> Tensor:
+    """The paper's KL weights pi_1..pi_M of one epoch (they sum to 1).
+
+    Examples
+    --------
+    >>> kl_weights(3, "blundell")
+    tensor([0.5714, 0.2857, 0.1429], dtype=torch.float64)
+    """
+    m = _checks.positive_int("num_batches", num_batches)
+    _checks.choice("kl_weighting", scheme, ("uniform", "blundell"))
+    if scheme == "uniform":
+        return torch.full((m,), 1.0 / m, dtype=torch.float64)
+    # 2^(M-i) / (2^M - 1) for i = 1..M, computed in log space so large M cannot overflow.
+    i = torch.arange(1, m + 1, dtype=torch.float64)
+    log_num = (m - i) * math.log(2.0)
+    log_den = m * math.log(2.0) + math.log(-math.expm1(-m * math.log(2.0)))
+    return torch.exp(log_num - log_den)
+
+
+class _ScaleLatents(Messenger):
+    """Multiply the log density of every latent (unobserved) sample site by ``scale``."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and not msg["is_observed"]:
+            msg["scale"] = self.scale * msg["scale"]
+
+
+class _ScaleObserved(Messenger):
+    """Scale observed sites by N / B, for models that take no ``num_data`` argument."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = scale
+
+    def _process_message(self, msg):
+        if msg["type"] == "sample" and msg["is_observed"]:
+            msg["scale"] = self.scale * msg["scale"]
+
+
+def _takes_num_data(model) -> bool:
+    fn = model.forward if isinstance(model, nn.Module) else model
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "num_data" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+class BBBLoss(nn.Module):
+    """Negative ELBO of Bayes by Backprop, as a module over the guide's parameters.
+
+    ``loss(*args, kl_scale=1.0, **kwargs)`` draws ``num_particles`` weight samples
+    (vectorized in one pass), and returns
+
+        mean over particles of  kl_scale * [log q(w) - log p(w)] - log p(y | w)
+
+    with the closed-form KL in place of the bracket where ``kl="analytic"`` and the
+    prior has one (Gaussian priors), Monte Carlo otherwise.  After a call,
+    ``last_terms`` holds the detached expected log-likelihood and KL.  Being an
+    ``nn.Module`` it can be wrapped in ``DistributedDataParallel``.
+
+    Examples
+    --------
+    >>> import torch, pyro.distributions as dist
+    >>> from pyro_bbb import BayesianRegressor, BBBGuide
+    >>> model = BayesianRegressor(torch.nn.Linear(2, 1), prior=dist.Normal(0.0, 1.0))
+    >>> guide = BBBGuide(model)
+    >>> loss = BBBLoss(model, guide, num_particles=4)
+    >>> loss(torch.randn(8, 2), torch.randn(8)).shape
+    torch.Size([])
+    """
+
+    def __init__(self, model, guide, num_particles: int = 1, kl: str = "mc", max_plate_nesting=None):
+        super().__init__()
+        self.model = model
+        self.guide = guide
+        self.num_particles = _checks.positive_int("num_particles", num_particles)
+        self.kl = _checks.choice("kl", kl, ("mc", "analytic"))
+        self.max_plate_nesting = max_plate_nesting
+        self.last_terms: dict[str, Tensor] = {}
+
+    def traces(self, *args, kl_scale: float = 1.0, **kwargs):
+        """Guide and model traces for one (vectorized) draw of the weights."""
+        if self.max_plate_nesting is None:
+            self.max_plate_nesting = _max_plate_nesting(self.model, self.guide, args, kwargs)
+        with contextlib.ExitStack() as stack:
+            if self.num_particles > 1:
+                stack.enter_context(
+                    pyro.plate("particles", self.num_particles, dim=-1 - self.max_plate_nesting)
+                )
+            stack.enter_context(_ScaleLatents(kl_scale))
+            guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+        return guide_trace, model_trace
+
+    def site_terms(self, guide_trace, model_trace) -> dict[str, Tensor]:
+        """Each site's contribution to the negative ELBO, summed over particles."""
+        terms = {}
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample" or site["infer"].get("_do_not_trace"):
+                continue
+            if site["is_observed"]:
+                terms[name] = -_scaled(site["fn"].log_prob(site["value"]), site).sum()
+            elif name in guide_trace.nodes:
+                q = guide_trace.nodes[name]
+                terms[name] = _scaled(self._kl(q["fn"], site["fn"], site["value"]), site).sum()
+        return terms
+
+    def _kl(self, q, p, value):
+        if self.kl == "analytic":
+            try:
+                return kl_divergence(q, p)
+            except NotImplementedError:
+                pass
+        return q.log_prob(value) - p.log_prob(value)
+
+    def forward(self, *args, kl_scale: float = 1.0, **kwargs) -> Tensor:
+        guide_trace, model_trace = self.traces(*args, kl_scale=kl_scale, **kwargs)
+        terms = self.site_terms(guide_trace, model_trace)
+        nll = sum(t for n, t in terms.items() if model_trace.nodes[n]["is_observed"])
+        kl = sum(t for n, t in terms.items() if not model_trace.nodes[n]["is_observed"])
+        p = self.num_particles
+        self.last_terms = {
+            "log_likelihood": -nll.detach() / p,
+            "kl": kl.detach() / p / kl_scale if kl_scale else kl.detach() * 0,
+        }
+        self._last_traces = (guide_trace, model_trace, terms)
+        return (nll + kl) / p
+
+    def diagnose(self) -> str:
+        """Name the first site of the last call whose value or term is not finite."""
+        guide_trace, model_trace, terms = self._last_traces
+        for name, site in model_trace.nodes.items():
+            if site["type"] != "sample":
+                continue
+            if not torch.isfinite(site["value"]).all():
+                return f"site {name!r} has a non-finite value"
+            if name in terms and not torch.isfinite(terms[name]).all():
+                return f"site {name!r} has a non-finite log density / KL term"
+        return "no site is non-finite (check the model's deterministic computations)"
+
+
+def _scaled(log_prob: Tensor, site) -> Tensor:
+    if site["mask"] is not None:
+        log_prob = torch.where(site["mask"], log_prob, torch.zeros_like(log_prob))
+    return log_prob * site["scale"]
+
+
+def _max_plate_nesting(model, guide, args, kwargs) -> int:
+    with poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    dims = [
+        -f.dim
+        for tr in (guide_trace, model_trace)
+        for site in tr.nodes.values()
+        if site["type"] == "sample"
+        for f in site["cond_indep_stack"]
+        if f.vectorized
+    ]
+    return max(dims, default=0)
+
+
+@dataclass
+class History:
+    """Per-step training record returned by :func:`fit`.
+
+    ``loss`` is the minimized objective (KL weighted for the step), ``kl`` the
+    unweighted KL estimate, ``log_likelihood`` the expected log-likelihood scaled
+    to the whole data set; ``elbo = log_likelihood - kl``.
+    """
+
+    epoch: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    log_likelihood: list[float] = field(default_factory=list)
+    kl: list[float] = field(default_factory=list)
+    kl_weight: list[float] = field(default_factory=list)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+    @property
+    def elbo(self) -> np.ndarray:
+        return np.asarray(self.log_likelihood) - np.asarray(self.kl)
+
+    def __len__(self) -> int:
+        return len(self.loss)
+
+    def to_dict(self) -> dict:
+        return {
+            "epoch": list(self.epoch),
+            "loss": list(self.loss),
+            "log_likelihood": list(self.log_likelihood),
+            "kl": list(self.kl),
+            "kl_weight": list(self.kl_weight),
+            "elbo": self.elbo.tolist(),
+            "interrupted": self.interrupted,
+            "seconds": self.seconds,
+        }
+
+
+def fit(
+    model,
+    guide,
+    x,
+    y,
+    *,
+    epochs: int = 100,
+    batch_size: int | None = None,
+    lr: float = 1e-2,
+    num_particles: int = 1,
+    kl: str = "mc",
+    kl_weighting: str = "uniform",
+    clip_norm: float | None = None,
+    device=None,
+    seed: int | None = None,
+    progress: bool = True,
+) -> History:
+    """Train ``guide`` for ``model`` on (x, y) by Bayes by Backprop.
+
+    Parameters
+    ----------
+    model : pyro_bbb model or Pyro model
+        Called as ``model(x_batch, y_batch, num_data=N)``; its data plate must
+        subsample (``pyro.plate("data", size=num_data, subsample=...)``) so the
+        minibatch likelihood scales to the data set.  pyro_bbb's models do.
+    guide : BBBGuide
+    x, y : array-like
+        Inputs (n, ...) and targets (n,) / labels, validated (lengths, finite values,
+        labels in range).
+    epochs, batch_size : int
+        Passes over the data, and minibatch size (default: the whole data set).
+        Minibatches are reshuffled every epoch with a generator seeded by ``seed``.
+    lr, clip_norm : float
+        Adam's learning rate; optional clipping of the global gradient norm.
+    num_particles : int
+        Weight samples per step, drawn in one vectorized pass.
+    kl : {"mc", "analytic"}
+        Monte Carlo KL on the same weight samples (the paper), or the closed form
+        where the prior has one (Gaussian priors; falls back to Monte Carlo for
+        the scale mixture).
+    kl_weighting : {"uniform", "blundell"}
+        pi_i = 1/M, or 2^(M-i) / (2^M - 1), for minibatch i of M in each epoch.
+    device : str or torch.device, optional
+        Where to train; default: where x lives.  Model, guide and data are moved.
+    seed : int, optional
+        Seeds Pyro/torch (weight noise) and the minibatch order.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    History
+        Loss, expected log-likelihood and KL per step.  Ctrl-C stops training
+        after the current step and returns the history so far (``interrupted``).
+
+    Raises
+    ------
+    NonFiniteLossError
+        When the loss or a gradient is NaN/inf, naming the step and the site or
+        parameter where it first appears.
+
+    Examples
+    --------
+    >>> import torch, pyro.distributions as dist
+    >>> import pyro_bbb as bbb
+    >>> x, y = bbb.datasets.regression_curve(100)
+    >>> net = torch.nn.Sequential(torch.nn.Linear(1, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    >>> model = bbb.BayesianRegressor(net, prior=dist.Normal(0.0, 1.0), noise=0.1)
+    >>> guide = bbb.BBBGuide(model)
+    >>> hist = bbb.fit(model, guide, x, y, epochs=5, progress=False, seed=0)
+    >>> len(hist.loss)
+    5
+    """
+    epochs = _checks.positive_int("epochs", epochs)
+    lr = _checks.positive_float("lr", lr)
+    if clip_norm is not None:
+        clip_norm = _checks.positive_float("clip_norm", clip_norm)
+    device = torch.device(device) if device is not None else None
+    x, y = _checks.model_data(model, x, y)
+    n = x.shape[0]
+    batch_size = n if batch_size is None else _checks.positive_int("batch_size", batch_size)
+    weights = kl_weights(math.ceil(n / batch_size), kl_weighting)
+    loss_fn = BBBLoss(model, guide, num_particles=num_particles, kl=kl)
+    takes_num_data = _takes_num_data(model)
+
+    if device is not None:
+        x, y = x.to(device), y.to(device)
+        for m in (model, guide):
+            if isinstance(m, nn.Module):
+                m.to(device)
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    order = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+
+    history = History()
+    if True:
+        def call(fn, xb, yb, **kw):
+            if takes_num_data:
+                return fn(xb, yb, num_data=n, **kw)
+            with _ScaleObserved(n / xb.shape[0]):
+                return fn(xb, yb, **kw)
+
+        with torch.no_grad():  # builds the guide's parameters on the data's device
+            call(guide, x[:batch_size], y[:batch_size])
+        params = _unique_parameters(guide, model)
+        optimizer = torch.optim.Adam(params, lr=lr)
+        total = epochs * len(weights)
+        bar = tqdm(total=total, disable=not progress, desc="BBB", unit="step", leave=False)
+        start = time.perf_counter()
+        step = 0
+        try:
+            for epoch in range(epochs):
+                perm = torch.randperm(n, generator=order).to(x.device)
+                for i, idx in enumerate(perm.split(batch_size)):
+                    kl_scale = float(weights[i] * len(weights))
+                    loss = call(loss_fn, x[idx], y[idx], kl_scale=kl_scale)
+                    value = loss.item()
+                    if not math.isfinite(value):
+                        raise NonFiniteLossError(
+                            f"loss is {value} at step {step} (epoch {epoch}, batch {i}): "
+                            f"{loss_fn.diagnose()}. Lower lr, set clip_norm, or check the data."
+                        )
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    norm = torch.nn.utils.clip_grad_norm_(params, clip_norm or math.inf)
+                    if not torch.isfinite(norm):
+                        bad = next(name for name, p in _named(guide, model) if p.grad is not None
+                                   and not torch.isfinite(p.grad).all())
+                        raise NonFiniteLossError(
+                            f"gradient of {bad!r} is not finite at step {step} "
+                            f"(epoch {epoch}, batch {i}); loss was {value}"
+                        )
+                    optimizer.step()
+                    terms = loss_fn.last_terms
+                    history.epoch.append(epoch)
+                    history.loss.append(value)
+                    history.log_likelihood.append(terms["log_likelihood"].item())
+                    history.kl.append(terms["kl"].item())
+                    history.kl_weight.append(kl_scale)
+                    step += 1
+                    bar.update()
+                if progress:
+                    bar.set_postfix(loss=f"{value:.4g}", epoch=epoch + 1)
+        except KeyboardInterrupt:
+            history.interrupted = True
+            warnings.warn(f"training interrupted after {step} steps; the guide keeps its state")
+        finally:
+            bar.close()
+            history.seconds = time.perf_counter() - start
+    return history
+
+
+def _unique_parameters(*modules) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for _, p in _named(*modules):
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _named(*modules):
+    for m in modules:
+        if isinstance(m, nn.Module):
+            for name, p in m.named_parameters():
+                if p.requires_grad:
+                    yield name, p
