@@ -21,13 +21,17 @@ import pyro
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pyro.distributions.transforms import biject_to
+from pyro.distributions import constraints
+from pyro.distributions.transforms import ExpTransform, biject_to
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median, init_to_value
 from pyro.infer.autoguide.utils import deep_setattr, helpful_support_errors
 from pyro.nn import PyroModule
 from pyro.ops.tensor_utils import periodic_repeat
 from torch import Tensor, nn
+from torch.distributions import register_kl
+
+_LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 __all__ = ["BBBGuide", "DEFAULT_INIT_SCALE"]
 
@@ -41,6 +45,52 @@ useful rate under Adam."""
 def inverse_softplus(y: Tensor) -> Tensor:
     """rho with softplus(rho) = y, stable for small and large y."""
     return y + torch.log(-torch.expm1(-y))
+
+
+def log_softplus(rho: Tensor) -> Tensor:
+    """log(softplus(rho)), exact where softplus is representable and = rho below -20."""
+    return torch.where(rho < -20, rho, torch.log(F.softplus(rho)))
+
+
+class SoftplusNormal(dist.Normal):
+    """``Normal(loc, softplus(rho))`` whose log density, entropy and KL use log sigma
+    computed from rho directly: finite even where sigma**2 underflows (rho < -50 in
+    float32), where torch's ``Normal`` returns 0/0 = NaN."""
+
+    def __init__(self, loc, rho, validate_args=None):
+        self.rho = rho
+        tiny = torch.finfo(rho.dtype).tiny
+        super().__init__(loc, F.softplus(rho).clamp_min(tiny), validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(SoftplusNormal, _instance)
+        new.rho = self.rho.expand(torch.Size(batch_shape))
+        return super().expand(batch_shape, _instance=new)
+
+    def log_prob(self, value):
+        z = (value - self.loc) / self.scale
+        return -0.5 * z * z - log_softplus(self.rho) - _LOG_SQRT_2PI
+
+    def entropy(self):
+        return 0.5 + _LOG_SQRT_2PI + log_softplus(self.rho)
+
+
+@register_kl(SoftplusNormal, torch.distributions.Normal)
+def _kl_softplus_normal(q, p):
+    log_ratio = torch.log(p.scale) - log_softplus(q.rho)
+    return log_ratio + (q.scale**2 + (q.loc - p.loc) ** 2) / (2 * p.scale**2) - 0.5
+
+
+def _is_real(support) -> bool:
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+def _unconstraining_inverse(support):
+    """Map from unconstrained space to ``support``.  Plain ``exp`` for positive sites,
+    so that q is exactly log-normal and the KL to a log-normal prior is analytic."""
+    return ExpTransform() if support is constraints.positive else biject_to(support)
 
 
 class BBBGuide(AutoGuide):
@@ -108,7 +158,7 @@ class BBBGuide(AutoGuide):
         if callable(spec) and not isinstance(spec, dict):
             return spec(site)
         if isinstance(spec, Real):
-            transform = biject_to(site["fn"].support)
+            transform = _unconstraining_inverse(site["fn"].support)
             unconstrained = transform.inv(site["fn"].sample().detach())
             return transform(torch.full_like(unconstrained, float(spec)))
         values = dict(spec) if isinstance(spec, dict) else {}
@@ -129,7 +179,7 @@ class BBBGuide(AutoGuide):
         for name, site in self.prototype_trace.iter_stochastic_nodes():
             if site["fn"].has_enumerate_support:
                 raise ValueError(f"BBBGuide handles continuous sites only; {name!r} is discrete")
-            transform = biject_to(site["fn"].support)
+            transform = _unconstraining_inverse(site["fn"].support)
             with helpful_support_errors(site):
                 init_loc = transform.inv(site["value"].detach()).detach()
             event_dim = site["fn"].event_dim + init_loc.dim() - site["value"].dim()
@@ -141,7 +191,7 @@ class BBBGuide(AutoGuide):
             deep_setattr(loc, name, nn.Parameter(init_loc.contiguous()))
             deep_setattr(rho, name, nn.Parameter(init_rho))
             self._event_dims[name] = event_dim
-            self._transforms[name] = None if transform.codomain is dist.constraints.real else transform
+            self._transforms[name] = None if _is_real(site["fn"].support) else transform
         self.loc, self.rho = loc, rho
         # Same reason: drop a previous guide's entries of these names from the param
         # store, so Pyro's SVI and pyro.optim see this guide's parameters.
@@ -173,9 +223,8 @@ class BBBGuide(AutoGuide):
     def get_posterior(self, name: str) -> dist.Distribution:
         """q(site) as a distribution: ``Normal(mu, softplus(rho))`` with the site's event
         dims, pushed to the site's support when constrained."""
-        loc = attrgetter(name)(self.loc)
-        scale = F.softplus(attrgetter(name)(self.rho))
-        q = dist.Normal(loc, scale).to_event(self._event_dims[name])
+        q = SoftplusNormal(attrgetter(name)(self.loc), attrgetter(name)(self.rho))
+        q = q.to_event(self._event_dims[name])
         transform = self._transforms[name]
         return q if transform is None else dist.TransformedDistribution(q, transform)
 

@@ -195,7 +195,8 @@ def _scaled(log_prob: Tensor, site) -> Tensor:
 
 
 def _max_plate_nesting(model, guide, args, kwargs) -> int:
-    with poutine.block():
+    # A dry run, under a forked RNG so that it leaves the random stream untouched.
+    with poutine.block(), torch.random.fork_rng(devices=[]):
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
     dims = [
@@ -348,8 +349,9 @@ def fit(
             with _ScaleObserved(n / xb.shape[0]):
                 return fn(xb, yb, **kw)
 
-        with torch.no_grad():  # builds the guide's parameters on the data's device
-            call(guide, x[:batch_size], y[:batch_size])
+        if getattr(guide, "prototype_trace", None) is None:
+            with torch.no_grad():  # builds the guide's parameters on the data's device
+                call(guide, x[:batch_size], y[:batch_size])
         params = _unique_parameters(guide, model)
         optimizer = torch.optim.Adam(params, lr=lr)
         total = epochs * len(weights)
@@ -361,7 +363,15 @@ def fit(
                 perm = torch.randperm(n, generator=order).to(x.device)
                 for i, idx in enumerate(perm.split(batch_size)):
                     kl_scale = float(weights[i] * len(weights))
-                    loss = call(loss_fn, x[idx], y[idx], kl_scale=kl_scale)
+                    try:
+                        loss = call(loss_fn, x[idx], y[idx], kl_scale=kl_scale)
+                    except ValueError as err:  # distribution validation of NaN parameters
+                        bad = _first_non_finite(guide, model)
+                        if bad is None:
+                            raise
+                        raise NonFiniteLossError(
+                            f"parameter {bad!r} is not finite at step {step} (epoch {epoch}, batch {i})"
+                        ) from err
                     value = loss.item()
                     if not math.isfinite(value):
                         raise NonFiniteLossError(
@@ -372,8 +382,7 @@ def fit(
                     loss.backward()
                     norm = torch.nn.utils.clip_grad_norm_(params, clip_norm or math.inf)
                     if not torch.isfinite(norm):
-                        bad = next(name for name, p in _named(guide, model) if p.grad is not None
-                                   and not torch.isfinite(p.grad).all())
+                        bad = _first_non_finite(guide, model, grad=True)
                         raise NonFiniteLossError(
                             f"gradient of {bad!r} is not finite at step {step} "
                             f"(epoch {epoch}, batch {i}); loss was {value}"
@@ -396,6 +405,14 @@ def fit(
             bar.close()
             history.seconds = time.perf_counter() - start
     return history
+
+
+def _first_non_finite(*modules, grad=False):
+    for name, p in _named(*modules):
+        t = p.grad if grad else p
+        if t is not None and not torch.isfinite(t).all():
+            return name
+    return None
 
 
 def _unique_parameters(*modules) -> list[nn.Parameter]:
