@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from pyro.distributions import constraints
 from pyro.distributions.transforms import ExpTransform, biject_to
 from pyro.infer.autoguide import AutoGuide
+from pyro.infer.autoguide.guides import prototype_hide_fn
 from pyro.infer.autoguide.initialization import InitMessenger, init_to_median, init_to_value
 from pyro.infer.autoguide.utils import deep_setattr, helpful_support_errors
 from pyro.nn import PyroModule
@@ -167,6 +168,14 @@ class BBBGuide(AutoGuide):
             if callable(initial):
                 values = initial()
         return init_to_value(site, values=values, fallback=init_to_median)
+
+    def _prototype_hide_fn(self, msg) -> bool:
+        # Observed sites are not latent; nor is the likelihood of a pyro_bbb model that
+        # is called without targets (its "y" site is then sampled, not observed).
+        if prototype_hide_fn(msg):
+            return True
+        names = getattr(self._user_model[0], "latent_names", None)
+        return names is not None and msg["name"] not in names
 
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
