@@ -16,6 +16,7 @@ torch.Size([10, 100])
 
 from . import datasets
 from .guide import BBBGuide
+from .hmc import HMCReference, run_nuts
 from .nn import BayesianClassifier, BayesianNetwork, BayesianRegressor, bayesianize
 from .predict import Prediction, predict
 from .priors import ScaleMixtureNormal
@@ -29,6 +30,7 @@ __all__ = [
     "BayesianClassifier",
     "BayesianNetwork",
     "BayesianRegressor",
+    "HMCReference",
     "History",
     "NonFiniteLossError",
     "Prediction",
@@ -38,4 +40,5 @@ __all__ = [
     "fit",
     "kl_weights",
     "predict",
+    "run_nuts",
 ]

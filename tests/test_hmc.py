@@ -9,6 +9,7 @@ Seeds are fixed, so the runs are deterministic; the tolerances say how far a
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -224,6 +225,33 @@ def test_sample_stats_shapes_and_bookkeeping(linreg_data, linreg_ref):
     assert np.all(az.bfmi(st["energy"]) > 0.3)
 
 
+def test_recording_does_not_change_the_sampler(linreg_data):
+    """Plain Pyro NUTS, same seed and settings, gives the same draws; its own
+    running acceptance statistic equals the mean of the recorded one."""
+    from pyro.infer.autoguide.initialization import init_to_sample
+    from pyro.infer.mcmc import MCMC, NUTS
+
+    x, y, _, _ = linreg_data
+    ref = run_nuts(
+        linreg_learned_noise, x, y, num_samples=30, warmup_steps=30, num_chains=1,
+        seed=5, progress=False,
+    )
+    mean_accept = []
+    pyro.set_rng_seed(5)
+    mcmc = MCMC(
+        NUTS(linreg_learned_noise, init_strategy=init_to_sample),
+        num_samples=30, warmup_steps=30, disable_progbar=True,
+        hook_fn=lambda kernel, *_: mean_accept.append(kernel._mean_accept_prob),
+    )
+    mcmc.run(x, y)
+    plain = mcmc.get_samples(group_by_chain=True)
+    for name in ("w", "sigma"):
+        torch.testing.assert_close(ref.samples[name], plain[name], rtol=0, atol=0)
+    assert ref.sample_stats["acceptance_rate"].mean() == pytest.approx(
+        mean_accept[-1], rel=1e-6  # Pyro sums float32 tensors, we sum floats
+    )
+
+
 # ----------------------------------------------------------------------------
 # 4. Argument validation
 # ----------------------------------------------------------------------------
@@ -268,13 +296,22 @@ def test_seeding_is_per_chain_and_global_rng_is_restored(linreg_data):
 def test_init_values_start_the_chains(linreg_data):
     x, y, _, _ = linreg_data
     far = torch.tensor([30.0, -30.0, 30.0])
-    # No warmup and a single leapfrog step with the initial step size: the one
-    # draw cannot have travelled far from where it started.
+    seen = []
+
+    def recording_model(x, y=None):
+        w = pyro.sample("w", dist.Normal(x.new_zeros(3), PRIOR_SCALE).to_event(1))
+        seen.append(w.detach().clone())
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal(x @ w, NOISE), obs=y)
+
     ref = run_nuts(
-        linreg, x, y, num_samples=1, warmup_steps=0, num_chains=2, max_tree_depth=1,
-        init_values={"w": far}, progress=False,
+        recording_model, x, y, num_samples=2, warmup_steps=0, num_chains=2,
+        max_tree_depth=2, init_values={"w": far}, progress=False,
     )
-    assert torch.all((ref.samples["w"][:, 0] - far).abs() < 10)
+    # Each chain's initial state is exactly the given value (a prior draw never
+    # is), so the model is evaluated there at least once per chain.
+    assert sum(bool(torch.equal(v, far)) for v in seen) >= 2
+    assert ref.samples["w"].shape == (2, 2, 3)
 
 
 def test_jit_compile_runs_or_falls_back(linreg_data):
@@ -288,6 +325,34 @@ def test_jit_compile_runs_or_falls_back(linreg_data):
     assert ref.settings["jit_compile"] is True
     assert torch.isfinite(ref.samples["w"]).all()
     assert np.isfinite(ref.sample_stats["lp"]).all()
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
+def test_jit_failure_falls_back_with_a_warning(linreg_data):
+    x, y, _, _ = linreg_data
+
+    def untraceable(x, y=None):
+        if torch.jit.is_tracing():
+            raise RuntimeError("this model cannot be traced")
+        linreg(x, y)
+
+    with pytest.warns(RuntimeWarning, match="jit_compile"):
+        ref = run_nuts(
+            untraceable, x, y, num_samples=10, warmup_steps=10, num_chains=2,
+            jit_compile=True, progress=False,
+        )
+    assert ref.settings["jit_fallback"] is True
+    assert ref.samples["w"].shape == (2, 10, 3)
+    assert torch.isfinite(ref.samples["w"]).all()
+
+
+def test_progress_bar_names_the_chain(linreg_data, capsys):
+    x, y, _, _ = linreg_data
+    run_nuts(linreg, x, y, num_samples=3, warmup_steps=3, num_chains=2, progress=True)
+    err = capsys.readouterr().err
+    if "CI" in os.environ or "PYTEST_XDIST_WORKER" in os.environ:
+        pytest.skip("Pyro disables its progress bar here")
+    assert "chain 2/2" in err
 
 
 # ----------------------------------------------------------------------------
