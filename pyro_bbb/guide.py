@@ -48,15 +48,18 @@ def inverse_softplus(y: Tensor) -> Tensor:
     return y + torch.log(-torch.expm1(-y))
 
 
-def log_softplus(rho: Tensor) -> Tensor:
-    """log(softplus(rho)), exact where softplus is representable and = rho below -20."""
-    return torch.where(rho < -20, rho, torch.log(F.softplus(rho)))
+def log_softplus(rho: Tensor, softplus_rho: Tensor | None = None) -> Tensor:
+    """log(softplus(rho)) with softplus clamped at the smallest normal float (rho < -87 in
+    float32, where softplus underflows): value and gradient stay finite for every rho.
+    Pass softplus(rho) if already computed."""
+    sigma = F.softplus(rho) if softplus_rho is None else softplus_rho
+    return torch.log(sigma.clamp_min(torch.finfo(sigma.dtype).tiny))
 
 
 class SoftplusNormal(dist.Normal):
-    """``Normal(loc, softplus(rho))`` whose log density, entropy and KL use log sigma
-    computed from rho directly: finite even where sigma**2 underflows (rho < -50 in
-    float32), where torch's ``Normal`` returns 0/0 = NaN."""
+    """``Normal(loc, softplus(rho))`` whose log density, entropy and KL never square
+    sigma: finite even where sigma**2 underflows (rho < -50 in float32), where torch's
+    ``Normal`` returns 0/0 = NaN."""
 
     def __init__(self, loc, rho, validate_args=None):
         self.rho = rho

@@ -10,7 +10,8 @@ from torch import nn
 
 import pyro_bbb as bbb
 from pyro_bbb import BayesianClassifier, BayesianRegressor, BBBGuide, BBBLoss, ScaleMixtureNormal
-from pyro_bbb.train import kl_weights
+from pyro_bbb.estimators import WeightSamplingLoss
+from pyro_bbb.train import TrainStep, kl_weights
 
 N01 = dist.Normal(0.0, 1.0)
 MIX = ScaleMixtureNormal(0.5, 1.0, math.exp(-6))
@@ -154,6 +155,42 @@ def test_analytic_loss_equals_pyro_trace_mean_field_elbo():
     torch.testing.assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize("kl,prior,particles", [("mc", MIX, 1), ("mc", N01, 3), ("analytic", N01, 3), ("analytic", MIX, 2)])
+def test_lean_step_equals_pyro_trace_path(kl, prior, particles, monkeypatch):
+    """The lean estimator fit uses is the same objective as BBBLoss (= Pyro's ELBOs, tested
+    above): same value and gradients for the same noise eps."""
+    model, guide, x, y = _setup(prior=prior, noise="learned")
+    names = [n for n, _ in guide.prototype_trace.iter_stochastic_nodes()]
+    torch.manual_seed(9)
+    lead = (particles,) if particles > 1 else ()
+    eps = {n: torch.randn(lead + tuple(guide.get_posterior(n).event_shape)) for n in names}
+
+    def feed(order):
+        queue = iter(eps[n] for n in order)
+
+        def rsample(self, sample_shape=torch.Size()):
+            return self.loc + self.scale * next(queue).reshape(self._extended_shape(sample_shape))
+
+        def randn(*shape, **kw):
+            return next(queue).reshape(shape[0] if len(shape) == 1 else shape)
+
+        return rsample, randn
+
+    rsample, _ = feed(names)
+    with monkeypatch.context() as m:
+        m.setattr(torch.distributions.Normal, "rsample", rsample)
+        ref = BBBLoss(model, guide, num_particles=particles, kl=kl, max_plate_nesting=1)(x, y, num_data=30, kl_scale=0.7)
+    rsample, randn = feed(names)  # weights through torch.randn, the noise site through rsample
+    with monkeypatch.context() as m:
+        m.setattr(torch.distributions.Normal, "rsample", rsample)
+        m.setattr(torch, "randn", randn)
+        lean = WeightSamplingLoss(model, guide, num_particles=particles, kl=kl)(x, y, num_data=30, kl_scale=0.7)
+    torch.testing.assert_close(lean, ref)
+    params = list(guide.parameters())
+    for a, b in zip(torch.autograd.grad(lean, params), torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(a, b)
+
+
 # -- hand-written Pyro models ----------------------------------------------------------------
 def logistic_regression(x, y=None):
     w = pyro.sample("w", MIX.expand([x.shape[1]]).to_event(1))
@@ -252,7 +289,7 @@ def test_non_finite_loss_names_step_and_site():
 def test_interrupt_keeps_history(monkeypatch):
     model, guide, x, y = _setup()
     calls = {"n": 0}
-    original = BBBLoss.forward
+    original = TrainStep.__call__
 
     def interrupting(self, *a, **k):
         calls["n"] += 1
@@ -260,7 +297,7 @@ def test_interrupt_keeps_history(monkeypatch):
             raise KeyboardInterrupt
         return original(self, *a, **k)
 
-    monkeypatch.setattr(BBBLoss, "forward", interrupting)
+    monkeypatch.setattr(TrainStep, "__call__", interrupting)
     with pytest.warns(UserWarning, match="interrupted after 3 steps"):
         hist = bbb.fit(model, guide, x, y, epochs=10, progress=False)
     assert hist.interrupted and len(hist.loss) == 3

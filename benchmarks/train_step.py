@@ -1,0 +1,200 @@
+"""Time per training step of pyro_bbb.fit against a deterministic step and hand-written BBB.
+
+Every method runs in this one process, alternating in rounds, and each round
+times a block of steps; the table reports the median per-step time over rounds
+and ratios to the deterministic step (and to the hand-written torch BBB step),
+which are what the targets are stated in.  The machines are shared and noisy:
+read ratios, not absolute times.
+
+    python benchmarks/train_step.py                 # one thread (the targets' setting)
+    python benchmarks/train_step.py --threads 0     # torch's default thread count
+    python benchmarks/train_step.py --quick         # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pyro
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import pyro_bbb as bbb
+from pyro_bbb.train import TrainStep
+
+RESULTS = Path(__file__).parent / "results"
+
+
+# -- the two networks of the targets ------------------------------------------------------------
+def big_problem():
+    """784-400-400-10 ReLU classifier, batch 128 (MNIST-shaped random data: timing only)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(128, 784, generator=g)
+    y = torch.randint(0, 10, (128,), generator=g)
+    net = nn.Sequential(nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400), nn.ReLU(), nn.Linear(400, 10))
+    return "784-400-400-10 ReLU, batch 128, categorical", net, x, y, 60000, "classification"
+
+
+def small_problem():
+    """1-50-1 tanh regressor on the 100-point regression curve, full batch."""
+    x, y = bbb.datasets.regression_curve(100, seed=0)
+    net = nn.Sequential(nn.Linear(1, 50), nn.Tanh(), nn.Linear(50, 1))
+    return "1-50-1 tanh, 100 points, Gaussian likelihood", net, x, y, 100, "regression"
+
+
+# -- steps ---------------------------------------------------------------------------------------
+def _nll(out, y, task):
+    if task == "classification":
+        return F.cross_entropy(out, y, reduction="sum")
+    return -torch.distributions.Normal(out.squeeze(-1), 0.1).log_prob(y).sum()
+
+
+def deterministic_step(net, x, y, num_data, task):
+    net = _copy(net)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+
+    def step():
+        loss = _nll(net(x), y, task) * (num_data / x.shape[0])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def handwritten_bbb_step(net, x, y, num_data, task, prior):
+    """A naive torch BBB step as people write it: sample weights, log q - log p by
+    torch.distributions, functional forward."""
+    net = _copy(net)
+    names = [n for n, _ in net.named_parameters()]
+    mus = {n: p.detach().clone().requires_grad_() for n, p in net.named_parameters()}
+    rhos = {n: torch.full_like(p, math.log(math.expm1(0.01)), requires_grad=True) for n, p in net.named_parameters()}
+    opt = torch.optim.Adam(list(mus.values()) + list(rhos.values()), lr=1e-3, fused=True)
+
+    def step():
+        w, kl = {}, 0.0
+        for n in names:
+            sigma = F.softplus(rhos[n])
+            w[n] = mus[n] + sigma * torch.randn_like(sigma)
+            kl = kl + (torch.distributions.Normal(mus[n], sigma).log_prob(w[n]).sum()
+                       - prior.expand(w[n].shape).log_prob(w[n]).sum())
+        out = torch.func.functional_call(net, w, (x,))
+        loss = kl + _nll(out, y, task) * (num_data / x.shape[0])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def pyro_autonormal_step(net, x, y, num_data, task, prior):
+    """Pyro's stock route: AutoNormal + Trace_ELBO on the same pyro_bbb model."""
+    model = _model(net, prior, task)
+    guide = pyro.infer.autoguide.AutoNormal(model, init_scale=0.01)
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.Trace_ELBO())
+    return lambda: svi.step(x, y, num_data=num_data)
+
+
+def fit_step(net, x, y, num_data, task, prior, kl="mc", particles=1):
+    """What pyro_bbb.fit runs per step (TrainStep is fit's own step)."""
+    model = _model(net, prior, task)
+    guide = bbb.BBBGuide(model)
+    train_step = TrainStep(model, guide, x, y, num_data=num_data, lr=1e-3, num_particles=particles, kl=kl)
+    return lambda: train_step(x, y)
+
+
+def _model(net, prior, task):
+    if task == "classification":
+        return bbb.BayesianClassifier(_copy(net), prior=prior)
+    return bbb.BayesianRegressor(_copy(net), prior=prior, noise=0.1)
+
+
+def _copy(net):
+    import copy
+
+    return copy.deepcopy(net)
+
+
+# -- measurement ---------------------------------------------------------------------------------
+def measure(steps: dict, rounds: int, block: int, warmup: int = 3) -> dict[str, float]:
+    """Median seconds per step over ``rounds``; methods alternate within each round."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            t = time.perf_counter()
+            for _ in range(block):
+                step()
+            times[name].append((time.perf_counter() - t) / block)
+    return {name: statistics.median(v) for name, v in times.items()}
+
+
+def run(args) -> str:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pyro.set_rng_seed(0)
+    gauss = dist.Normal(0.0, 1.0)
+    mix = bbb.ScaleMixtureNormal(0.5, 1.0, math.exp(-6))
+    rounds = 3 if args.quick else args.rounds
+    lines = [
+        "# Training step: pyro_bbb.fit vs a deterministic step and a hand-written torch BBB step",
+        "",
+        f"Command: `python benchmarks/train_step.py {' '.join(sys.argv[1:])}`".rstrip(),
+        "",
+        f"- machine: {platform.machine()}, {platform.processor() or 'cpu'}, torch threads {torch.get_num_threads()}",
+        f"- versions: python {platform.python_version()}, torch {torch.__version__}, pyro {pyro.__version__}, "
+        f"pyro_bbb {bbb.__version__}",
+        f"- method: all steps in one process, alternating; median over {rounds} rounds of "
+        f"{args.block} steps (after warm-up steps); fused Adam for every method (what fit uses); "
+        "the fit step includes fit's finiteness checks",
+        "",
+    ]
+    for problem in (big_problem, small_problem):
+        title, net, x, y, num_data, task = problem()
+        pyro.clear_param_store()  # AutoNormal keeps its parameters there, by name
+        steps = {"deterministic": deterministic_step(net, x, y, num_data, task)}
+        steps["hand-written torch BBB, N(0,1)"] = handwritten_bbb_step(net, x, y, num_data, task, gauss)
+        steps["Pyro AutoNormal + Trace_ELBO, N(0,1)"] = pyro_autonormal_step(net, x, y, num_data, task, gauss)
+        steps["fit, N(0,1), kl=mc"] = fit_step(net, x, y, num_data, task, gauss, "mc")
+        steps["fit, N(0,1), kl=analytic"] = fit_step(net, x, y, num_data, task, gauss, "analytic")
+        steps["fit, scale mixture, kl=mc"] = fit_step(net, x, y, num_data, task, mix, "mc")
+        result = measure(steps, rounds=rounds, block=args.block)
+        base = result["deterministic"]
+        hand = result["hand-written torch BBB, N(0,1)"]
+        lines += [f"## {title}", "", "| step | ms/step | x deterministic | x hand-written BBB |", "|---|---:|---:|---:|"]
+        for name, sec in result.items():
+            lines.append(f"| {name} | {sec * 1e3:.2f} | {sec / base:.2f} | {sec / hand:.2f} |")
+        lines.append("")
+        print("\n".join(lines[-len(result) - 5:]), flush=True)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--block", type=int, default=20, help="steps per timed block")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="markdown output (default: benchmarks/results/)")
+    args = parser.parse_args(argv)
+    text = run(args)
+    if not args.quick:
+        name = "train_step.md" if args.threads == 1 else "train_step_default_threads.md"
+        out = args.out or RESULTS / name
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

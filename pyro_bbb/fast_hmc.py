@@ -1,0 +1,866 @@
+"""A fast HMC reference: ChEES-HMC, many chains in lockstep as one batched computation.
+
+:func:`run_hmc` samples the posterior of a pyro_bbb model (``BayesianRegressor``,
+``BayesianClassifier``) with ChEES-HMC (Hoffman, Radul & Sountsov, "An Adaptive MCMC
+Scheme for Setting Trajectory Lengths in Hamiltonian Monte Carlo", AISTATS 2021).
+All chains take the same number of leapfrog steps per iteration, so one iteration is
+``L`` calls of one batched potential whose leading dimension is the chain: the network
+runs once for all chains, and Python's per-step cost is paid once, not once per chain.
+Pyro's NUTS pays ~1 ms of Python per leapfrog step per chain on a small network; here
+that cost is shared by all chains.
+
+The pieces are small functions in the style of BlackJAX: a kernel (:func:`hmc_init`,
+:func:`hmc_step`) that knows nothing about adaptation, and adaptation states with
+``*_init`` / ``*_update`` functions that see only what the kernel returns:
+
+* **potential** (:class:`Potential`): ``U(u) = -(log p(theta, y) + log|det dT/du|)``
+  with ``theta = T(u)``, ``T = biject_to(prior.support)`` per site, evaluated for all
+  chains at once through the model's batched :meth:`log_joint`; its gradient is one
+  ``torch.autograd.grad`` of the sum over chains.  All sites are flattened into one
+  vector per chain, ``(C, D)``.
+* **kernel**: jittered-length HMC with a diagonal mass matrix; per chain a Metropolis
+  accept; a transition is *divergent* if at any leapfrog step the energy error exceeds
+  1000 or is not finite (then it is rejected).
+* **step size**: dual averaging (Nesterov 2009, as in Hoffman & Gelman 2014 and Stan)
+  on the *harmonic* mean of the chains' acceptance probabilities, which keeps the
+  worst chains moving (ChEES-HMC's choice), towards ``target_accept``.
+* **trajectory length** ``T``: each iteration integrates for ``t = h_n T`` with ``h_n``
+  the base-2 Halton (van der Corput) sequence in (0, 1), so ``L = ceil(t / eps)``
+  steps; during warmup ``log T`` follows the gradient of the ChEES criterion
+  ``1/4 E[(||z' - E z||^2 - ||z - E z||^2)^2]`` (means across chains, in the
+  preconditioned coordinates ``z = u / sqrt(diag M^-1)``) with RMSProp
+  (TFP's ``GradientBasedTrajectoryLengthAdaptation``: rate 0.025, decay 0.95, updates
+  clipped to +-0.35), and sampling uses the iterate average (weights ``n^-1/2``).
+* **mass matrix**: diagonal ``M^-1`` = the variance of the draws, pooled within
+  chains across all chains, estimated in Stan's doubling windows (15% initial buffer,
+  10% final buffer).  After each window the step size is re-initialised by the
+  doubling/halving heuristic and ``T`` is rescaled with it, so the number of leapfrog
+  steps carries over.
+
+Chains start from prior draws (as :func:`pyro_bbb.hmc.run_nuts` does).  The result
+is an :class:`~pyro_bbb.hmc.HMCReference` (:class:`ChEESReference`) with the same
+site names as ``run_nuts``, so :func:`pyro_bbb.to_inference_data` and ``compare``
+take it unchanged, plus convergence ``diagnostics`` read on the network output
+``f(x*)``: rank-normalised split R-hat (Vehtari et al. 2021), nested R-hat
+(Margossian et al. 2024) over superchains, and bulk ESS.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from numbers import Integral, Real
+from typing import Callable, NamedTuple
+
+import numpy as np
+import pyro
+import torch
+from torch import Tensor
+from torch.distributions import biject_to
+from tqdm.auto import tqdm
+
+from . import _checks
+from .hmc import HMCReference
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # arviz 0.23's refactor notice
+    import arviz as az
+
+__all__ = [
+    "ChEESReference",
+    "Potential",
+    "run_hmc",
+    "hmc_init",
+    "hmc_step",
+    "nested_rhat",
+]
+
+#: Energy error above which a transition counts as divergent (Stan's and Pyro's value).
+DIVERGENCE_THRESHOLD = 1000.0
+
+
+# ============================================================================
+# The potential: one batched log density over chains, in unconstrained space
+# ============================================================================
+class _Site(NamedTuple):
+    name: str
+    shape: torch.Size  # constrained (site) shape
+    unconstrained_shape: torch.Size
+    start: int
+    stop: int
+    transform: torch.distributions.Transform
+
+
+class Potential:
+    """``U(u) = -(log p(theta, y | x) + log|det dT/du|)`` for a batch of chains.
+
+    ``u`` has shape ``(C, D)``: every latent site of the model, mapped to unconstrained
+    space by ``biject_to(prior.support)`` and flattened, in ``model.latent_names``
+    order.  Real-valued sites (network weights) are the identity; a positive site such
+    as a learned ``"noise"`` is ``exp``, whose log-Jacobian is added.
+
+    Parameters
+    ----------
+    model : BayesianRegressor or BayesianClassifier
+        A pyro_bbb model (has ``log_joint`` and ``latent_names``).
+    x, y : Tensor
+        Data on the model's device, validated.
+
+    Examples
+    --------
+    >>> import torch, pyro.distributions as dist
+    >>> import pyro_bbb as bbb
+    >>> model = bbb.BayesianRegressor(torch.nn.Linear(2, 1), prior=dist.Normal(0., 1.),
+    ...                               noise="learned")
+    >>> pot = Potential(model, torch.randn(5, 2), torch.randn(5))
+    >>> pot.dim                       # 2 weights + 1 bias + log(noise)
+    4
+    >>> u, g = pot.value_and_grad(torch.zeros(3, 4))
+    >>> u.shape, g.shape
+    (torch.Size([3]), torch.Size([3, 4]))
+    """
+
+    def __init__(self, model, x: Tensor, y: Tensor):
+        self.model, self.x, self.y = model, x, y
+        priors = _model_priors(model)
+        sites, start = [], 0
+        for name in model.latent_names:
+            prior = priors[name]
+            shape = torch.Size(prior.batch_shape + prior.event_shape)
+            transform = biject_to(prior.support)
+            ushape = torch.Size(transform.inverse_shape(shape))
+            stop = start + ushape.numel()
+            sites.append(_Site(name, shape, ushape, start, stop, transform))
+            start = stop
+        self.sites = tuple(sites)
+        self.dim = start
+
+    # -- layout ------------------------------------------------------------------------
+    def unflatten(self, u: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Constrained values ``{site: (C, *shape)}`` and ``log|det dT/du|`` of shape (C,)."""
+        batch = u.shape[:-1]
+        values, logdet = {}, u.new_zeros(batch)
+        for site in self.sites:
+            v = u[..., site.start : site.stop].reshape(batch + site.unconstrained_shape)
+            theta = site.transform(v)
+            if not _is_identity(site.transform):
+                ladj = site.transform.log_abs_det_jacobian(v, theta)
+                logdet = logdet + ladj.reshape(batch + (-1,)).sum(-1)
+            values[site.name] = theta
+        return values, logdet
+
+    def flatten(self, values: Mapping[str, Tensor]) -> Tensor:
+        """Unconstrained flat vectors ``(C, D)`` from constrained values ``{site: (C, *shape)}``."""
+        parts = []
+        for site in self.sites:
+            v = values[site.name]
+            batch = v.shape[: v.dim() - len(site.shape)]
+            parts.append(site.transform.inv(v).reshape(batch + (-1,)))
+        return torch.cat(parts, -1)
+
+    # -- density -------------------------------------------------------------------------
+    def log_density(self, u: Tensor) -> Tensor:
+        """``-U(u)``: the log joint plus the log-Jacobian, shape (C,)."""
+        values, logdet = self.unflatten(u)
+        return self.model.log_joint(values, self.x, self.y) + logdet
+
+    def value_and_grad(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """``U(u)`` (C,) and ``dU/du`` (C, D), detached; rows with non-finite ``u`` give
+        ``U = inf`` and a zero gradient (such a chain is divergent and will be rejected)."""
+        finite = torch.isfinite(u).all(-1)
+        all_finite = bool(finite.all())
+        if not all_finite:
+            u = torch.where(finite[..., None], u, torch.zeros_like(u))
+        with torch.enable_grad():
+            u = u.detach().requires_grad_(True)
+            potential = -self.log_density(u)
+            (grad,) = torch.autograd.grad(potential.sum(), u)
+        potential = potential.detach()
+        if not all_finite:
+            potential = torch.where(finite, potential, torch.full_like(potential, math.inf))
+            grad = torch.where(finite[..., None], grad, torch.zeros_like(grad))
+        return potential, grad
+
+
+def _is_identity(transform) -> bool:
+    return isinstance(transform, torch.distributions.transforms.IndependentTransform) and _is_identity(
+        transform.base_transform
+    ) or (
+        isinstance(transform, torch.distributions.transforms.ComposeTransform)
+        and not transform.parts
+    ) or type(transform).__name__ == "_IdentityTransform" or (
+        getattr(torch.distributions.transforms, "identity_transform", None) is transform
+    )
+
+
+def _model_priors(model) -> dict:
+    """Every latent site's prior, checked: continuous support, known to the model."""
+    priors = {**model.network.priors(), **model.extra_priors()}
+    for name in model.latent_names:
+        if name not in priors:
+            raise ValueError(
+                f"model: no prior found for latent site {name!r}; run_hmc handles pyro_bbb "
+                "models only -- use pyro_bbb.run_nuts for this model"
+            )
+        support = priors[name].support
+        if support.is_discrete:
+            raise ValueError(
+                f"model: latent site {name!r} is discrete ({support}); HMC needs continuous "
+                "latents -- use pyro_bbb.run_nuts (it enumerates discrete sites)"
+            )
+    return priors
+
+
+# ============================================================================
+# The kernel: jittered HMC for C chains at once (no adaptation in here)
+# ============================================================================
+class HMCState(NamedTuple):
+    """Positions ``(C, D)`` (unconstrained), their potential ``(C,)`` and gradient ``(C, D)``."""
+
+    position: Tensor
+    potential: Tensor
+    grad: Tensor
+
+
+class HMCInfo(NamedTuple):
+    """What one transition tells the adaptation and the sample stats (per chain)."""
+
+    acceptance_rate: Tensor  # min(1, exp(-energy error)); 0 if divergent
+    accepted: Tensor  # bool
+    diverging: Tensor  # bool
+    energy: Tensor  # Hamiltonian at the returned state
+    proposal_position: Tensor  # end of the trajectory (C, D)
+    proposal_momentum: Tensor  # momentum there (C, D)
+    n_steps: int
+
+
+def hmc_init(position: Tensor, potential_fn: Callable) -> HMCState:
+    """The kernel state at ``position`` (C, D)."""
+    potential, grad = potential_fn(position)
+    return HMCState(position.detach(), potential, grad)
+
+
+def _kinetic(momentum: Tensor, inv_mass: Tensor) -> Tensor:
+    return 0.5 * (momentum * momentum * inv_mass).sum(-1)
+
+
+def hmc_step(
+    state: HMCState,
+    potential_fn: Callable,
+    *,
+    step_size: float,
+    inv_mass: Tensor,
+    n_steps: int,
+    generator: torch.Generator,
+) -> tuple[HMCState, HMCInfo]:
+    """One HMC transition of every chain: ``n_steps`` leapfrog steps, then Metropolis.
+
+    The momentum is drawn from ``N(0, M)`` with ``M = diag(1 / inv_mass)``.  A chain
+    whose energy error exceeds :data:`DIVERGENCE_THRESHOLD` (or is not finite) at any
+    step is divergent and rejected.
+    """
+    q0, u0, g0 = state
+    noise = torch.randn(q0.shape, generator=generator, device=q0.device, dtype=q0.dtype)
+    p = noise * inv_mass.rsqrt()
+    h0 = u0 + _kinetic(p, inv_mass)
+    q, g, u = q0, g0, u0
+    diverging = torch.zeros_like(u0, dtype=torch.bool)
+    half = 0.5 * step_size
+    for _ in range(n_steps):
+        p = p - half * g
+        q = q + step_size * inv_mass * p
+        u, g = potential_fn(q)
+        p = p - half * g
+        # NaN-safe: a non-finite energy error is divergent too.
+        diverging |= ~((u + _kinetic(p, inv_mass) - h0) <= DIVERGENCE_THRESHOLD)
+    h1 = u + _kinetic(p, inv_mass)
+    log_accept = torch.where(diverging, torch.full_like(h0, -math.inf), h0 - h1)
+    acceptance = torch.exp(torch.clamp(log_accept, max=0.0))
+    uniform = torch.rand(u0.shape, generator=generator, device=q0.device, dtype=q0.dtype)
+    accepted = torch.log(uniform) < log_accept
+    new = HMCState(
+        torch.where(accepted[:, None], q, q0),
+        torch.where(accepted, u, u0),
+        torch.where(accepted[:, None], g, g0),
+    )
+    energy = torch.where(accepted, h1, h0)
+    return new, HMCInfo(acceptance, accepted, diverging, energy, q, p, n_steps)
+
+
+def halton(i: int) -> float:
+    """The base-2 Halton (van der Corput) number of ``i >= 1``: 1/2, 1/4, 3/4, 1/8, ..."""
+    out, f = 0.0, 0.5
+    while i > 0:
+        out += f * (i & 1)
+        i >>= 1
+        f *= 0.5
+    return out
+
+
+def num_leapfrog_steps(trajectory_length: float, step_size: float, jitter: float, maximum: int) -> int:
+    """``ceil(jitter * T / eps)`` clipped to ``[1, maximum]``."""
+    n = math.ceil(jitter * trajectory_length / step_size) if step_size > 0 else maximum
+    return int(min(max(n, 1), maximum))
+
+
+# ============================================================================
+# Adaptation: step size, trajectory length, mass matrix (each init / update)
+# ============================================================================
+class DualAveragingState(NamedTuple):
+    log_step: float
+    log_step_avg: float
+    h_avg: float
+    count: int
+    mu: float
+
+
+def dual_averaging_init(step_size: float) -> DualAveragingState:
+    """Nesterov's dual averaging, centred at ``log(10 eps)`` (Hoffman & Gelman 2014)."""
+    return DualAveragingState(math.log(step_size), math.log(step_size), 0.0, 0, math.log(10 * step_size))
+
+
+def dual_averaging_update(
+    state: DualAveragingState, accept_stat: float, target: float,
+    gamma: float = 0.05, t0: float = 10.0, kappa: float = 0.75,
+) -> DualAveragingState:
+    """One step towards ``accept_stat == target`` (a statistic in [0, 1])."""
+    t = state.count + 1
+    eta = 1.0 / (t + t0)
+    h_avg = (1 - eta) * state.h_avg + eta * (target - accept_stat)
+    log_step = state.mu - math.sqrt(t) / gamma * h_avg
+    w = t ** (-kappa)
+    log_step_avg = w * log_step + (1 - w) * state.log_step_avg
+    return DualAveragingState(log_step, log_step_avg, h_avg, t, state.mu)
+
+
+class ChEESState(NamedTuple):
+    log_length: float  # the RMSProp iterate, log T
+    log_length_avg: float  # iterate average with weights n^-1/2
+    sq_grad_avg: float
+    count: int
+
+
+#: TFP's RMSProp settings for the trajectory length (GradientBasedTrajectoryLengthAdaptation).
+CHEES_LEARNING_RATE = 0.025
+CHEES_SQ_GRAD_DECAY = 0.95
+CHEES_MAX_LOG_UPDATE = 0.35
+
+
+def chees_init(trajectory_length: float) -> ChEESState:
+    return ChEESState(math.log(trajectory_length), math.log(trajectory_length), 0.0, 0)
+
+
+def chees_gradient(
+    initial_position: Tensor, info: HMCInfo, inv_mass: Tensor, jitter: float, trajectory_length: float
+) -> float:
+    """d ChEES / d log T, estimated across chains (Hoffman et al. 2021, eq. 6).
+
+    In the preconditioned coordinates ``z = u / sqrt(M^-1)`` (where the kinetic
+    energy is ``|p_z|^2 / 2`` and the velocity is ``sqrt(M^-1) p``) the criterion's
+    derivative along a trajectory of length ``t = h T`` is
+    ``h (|z' - m'|^2 - |z - m|^2) (z' - m') . v'``; chains are weighted by their
+    acceptance probability (divergent ones get zero weight), and ``m'`` is the
+    acceptance-weighted mean of the proposals, ``m`` the mean of the initial points.
+    """
+    scale = inv_mass.sqrt()
+    weight = info.acceptance_rate.to(torch.float64)
+    z1 = info.proposal_position / scale
+    ok = torch.isfinite(z1).all(-1) & torch.isfinite(info.proposal_momentum).all(-1) & ~info.diverging
+    weight = torch.where(ok, weight, torch.zeros_like(weight))
+    total = weight.sum()
+    if not float(total) > 1e-12:
+        return 0.0
+    z1 = torch.where(ok[:, None], z1, torch.zeros_like(z1)).to(torch.float64)
+    v1 = torch.where(ok[:, None], info.proposal_momentum * scale, torch.zeros_like(z1)).to(torch.float64)
+    z0 = (initial_position / scale).to(torch.float64)
+    c1 = z1 - (weight[:, None] * z1).sum(0) / total
+    c0 = z0 - z0.mean(0)
+    per_chain = ((c1 * c1).sum(-1) - (c0 * c0).sum(-1)) * (c1 * v1).sum(-1)
+    grad = jitter * trajectory_length * float((weight * per_chain).sum() / total)
+    return grad if math.isfinite(grad) else 0.0
+
+
+def chees_update(state: ChEESState, grad: float) -> ChEESState:
+    """Gradient *ascent* on log T with RMSProp (bias-corrected), updates clipped."""
+    count = state.count + 1
+    sq = CHEES_SQ_GRAD_DECAY * state.sq_grad_avg + (1 - CHEES_SQ_GRAD_DECAY) * grad * grad
+    sq_hat = sq / (1 - CHEES_SQ_GRAD_DECAY**count)
+    update = CHEES_LEARNING_RATE * grad / math.sqrt(sq_hat + 1e-20)
+    update = min(max(update, -CHEES_MAX_LOG_UPDATE), CHEES_MAX_LOG_UPDATE)
+    log_length = state.log_length + update
+    w = count ** (-0.5)
+    log_length_avg = w * log_length + (1 - w) * state.log_length_avg
+    return ChEESState(log_length, log_length_avg, sq, count)
+
+
+class WelfordState(NamedTuple):
+    """Running mean and sum of squares per chain, (C, D), over ``count`` iterations."""
+
+    mean: Tensor
+    m2: Tensor
+    count: int
+
+
+def welford_init(num_chains: int, dim: int, like: Tensor) -> WelfordState:
+    z = torch.zeros(num_chains, dim, dtype=torch.float64, device=like.device)
+    return WelfordState(z, z.clone(), 0)
+
+
+def welford_update(state: WelfordState, position: Tensor) -> WelfordState:
+    count = state.count + 1
+    x = position.to(torch.float64)
+    delta = x - state.mean
+    mean = state.mean + delta / count
+    m2 = state.m2 + delta * (x - mean)
+    return WelfordState(mean, m2, count)
+
+
+def welford_inverse_mass(state: WelfordState) -> Tensor:
+    """Pooled within-chain variance, regularised towards 1e-3 as in Stan.
+
+    Within-chain (not total) variance: for a multimodal posterior (a BNN's permuted
+    hidden units) the spread *between* chains measures the distance between modes,
+    not the local scale that sets the step size.
+    """
+    n = state.count
+    var = (state.m2 / max(n - 1, 1)).mean(0)
+    total = n * state.mean.shape[0]
+    var = (total / (total + 5.0)) * var + 1e-3 * (5.0 / (total + 5.0))
+    return var
+
+
+def adaptation_windows(warmup_steps: int) -> list[int]:
+    """Iterations (0-based) after which the mass matrix is updated (Stan's schedule).
+
+    15% initial buffer, 10% final buffer, slow windows of 25, 50, 100, ... iterations
+    in between (the last stretched to the final buffer).  Under 20 warmup iterations
+    there is no mass-matrix adaptation.
+
+    >>> adaptation_windows(200)
+    [54, 179]
+    >>> adaptation_windows(1000)
+    [174, 224, 324, 524, 949]
+    """
+    if warmup_steps < 20:
+        return []
+    init = int(0.15 * warmup_steps)
+    term = int(0.10 * warmup_steps)
+    slow = warmup_steps - init - term
+    ends, start, size = [], init, 25
+    while True:
+        end = start + size
+        if end + 2 * size > init + slow:  # the next window would not fit: stretch this one
+            ends.append(init + slow - 1)
+            break
+        ends.append(end - 1)
+        start, size = end, 2 * size
+    return ends
+
+
+def find_step_size(
+    state: HMCState,
+    potential_fn: Callable,
+    inv_mass: Tensor,
+    step_size: float,
+    generator: torch.Generator,
+    target: float = 0.5,
+    max_tries: int = 60,
+) -> float:
+    """Double or halve ``step_size`` until one leapfrog step's mean acceptance crosses
+    ``target`` (Hoffman & Gelman 2014, Algorithm 4; averaged over chains)."""
+
+    def accept(eps):
+        _, info = hmc_step(state, potential_fn, step_size=eps, inv_mass=inv_mass, n_steps=1,
+                           generator=generator)
+        return float(torch.nan_to_num(info.acceptance_rate, nan=0.0).mean())
+
+    direction = 1.0 if accept(step_size) > target else -1.0
+    for _ in range(max_tries):
+        new = step_size * 2.0**direction
+        a = accept(new)
+        if (direction > 0 and not a > target) or (direction < 0 and a > target):
+            return new if direction < 0 else step_size
+        step_size = new
+    return step_size
+
+
+# ============================================================================
+# Diagnostics
+# ============================================================================
+def nested_rhat(draws: np.ndarray, num_superchains: int) -> np.ndarray:
+    """Nested R-hat (Margossian, Hoffman, Sountsov, Riou-Durand, Vehtari & Gelman 2024).
+
+    ``draws`` has shape ``(chains, draws, ...)``; consecutive chains form
+    ``num_superchains`` superchains of equal size.  ``nR = sqrt(1 + B / W)`` with ``B``
+    the variance of the superchain means and ``W`` the mean over superchains of the
+    between-chain variance within the superchain plus the mean within-chain variance.
+    Values near 1 (below ~1.01-1.05) mean the superchains agree.
+
+    >>> rng = np.random.default_rng(0)
+    >>> float(nested_rhat(rng.normal(size=(64, 100)), 8)) < 1.01
+    True
+    """
+    draws = np.asarray(draws, dtype=np.float64)
+    c, n = draws.shape[:2]
+    k = int(num_superchains)
+    if k < 2 or c % k:
+        raise ValueError(f"num_superchains must be >= 2 and divide the {c} chains, got {k}")
+    m = c // k
+    x = draws.reshape((k, m, n) + draws.shape[2:])
+    chain_mean = x.mean(2)  # (k, m, ...)
+    super_mean = chain_mean.mean(1)  # (k, ...)
+    b = super_mean.var(0, ddof=1)
+    within_chain = x.var(2, ddof=1).mean(1) if n > 1 else 0.0
+    between_chain = chain_mean.var(1, ddof=1) if m > 1 else 0.0
+    w = (between_chain + within_chain).mean(0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.sqrt(1.0 + b / w)
+
+
+def _f_diagnostics(f: np.ndarray, num_superchains: int | None) -> dict:
+    """R-hat, nested R-hat and bulk/tail ESS of f(x*) of shape (chains, draws, m)."""
+    data = az.convert_to_dataset({"f": f})
+    out = {
+        "rhat_f": np.asarray(az.rhat(data)["f"].values),
+        "ess_bulk_f": np.asarray(az.ess(data, method="bulk")["f"].values),
+        "ess_tail_f": np.asarray(az.ess(data, method="tail")["f"].values),
+    }
+    if num_superchains:
+        out["nested_rhat_f"] = nested_rhat(f, num_superchains)
+    return out
+
+
+# ============================================================================
+# The result
+# ============================================================================
+@dataclass(repr=False)
+class ChEESReference(HMCReference):
+    """An :class:`~pyro_bbb.hmc.HMCReference` from :func:`run_hmc`, plus diagnostics.
+
+    Extra attributes
+    ----------------
+    diagnostics : dict
+        On the network output at ``x_test`` (the training inputs if not given), each
+        an array over the flattened test points: ``rhat_f`` (rank-normalised split
+        R-hat), ``nested_rhat_f`` (nested R-hat over superchains), ``ess_bulk_f``,
+        ``ess_tail_f``; and the scalars ``max_rhat_f``, ``max_nested_rhat_f``,
+        ``min_ess_bulk_f``, ``median_ess_bulk_f``, ``divergences``.
+    adaptation : dict
+        The adapted ``step_size``, ``trajectory_length``, ``inverse_mass_matrix``
+        (numpy, per unconstrained coordinate) and the warmup traces
+        ``warmup_step_size``, ``warmup_trajectory_length``, ``warmup_n_steps``,
+        ``warmup_acceptance_rate`` (harmonic mean over chains).
+    """
+
+    diagnostics: dict = field(default_factory=dict)
+    adaptation: dict = field(default_factory=dict, repr=False)
+
+
+# ============================================================================
+# The runner
+# ============================================================================
+def _check_model(model):
+    for attr in ("log_joint", "latent_names", "network", "extra_priors"):
+        if not hasattr(model, attr):
+            raise ValueError(
+                "run_hmc samples pyro_bbb models (BayesianRegressor, BayesianClassifier), "
+                f"which have a batched log joint; got {type(model).__name__} without "
+                f"{attr!r}. For any other Pyro model use pyro_bbb.run_nuts(model, x, y, ...)"
+            )
+
+
+def _check_unit_interval(name, value):
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
+def _initial_positions(potential, model, num_chains, num_superchains, seed, device, dtype):
+    """Prior draws in unconstrained space; chains of one superchain share a start."""
+    priors = _model_priors(model)
+    groups = num_superchains or num_chains
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        values = {n: priors[n].sample((groups,)).to(device=device, dtype=dtype) for n in model.latent_names}
+    u = potential.flatten(values)
+    return u.repeat_interleave(num_chains // groups, dim=0)
+
+
+def run_hmc(
+    model,
+    x,
+    y,
+    *,
+    num_chains: int = 64,
+    num_samples: int = 100,
+    warmup_steps: int = 200,
+    target_accept: float = 0.65,
+    max_leapfrog_steps: int = 1000,
+    num_superchains: int | None = None,
+    x_test=None,
+    seed: int = 0,
+    progress: bool = True,
+) -> ChEESReference:
+    """Sample a pyro_bbb model's posterior with ChEES-HMC, many chains in lockstep.
+
+    A fast HMC reference for Bayes by Backprop: all ``num_chains`` chains advance
+    together, one batched evaluation of the model's log joint (and one autograd
+    call) per leapfrog step.  Step size, trajectory length and a diagonal mass matrix
+    are adapted across chains during warmup, then frozen; see the module docstring
+    for the algorithm.
+
+    Parameters
+    ----------
+    model : BayesianRegressor or BayesianClassifier
+        A pyro_bbb model.  Other Pyro models (no batched ``log_joint``) and discrete
+        latent sites raise ``ValueError``: use :func:`pyro_bbb.run_nuts` for them.
+    x, y : array-like
+        Inputs and targets, as for ``model(x, y)``.
+    num_chains : int, >= 2, default 64
+        Chains run together (the batch of every network evaluation).
+    num_samples : int, >= 1, default 100
+        Post-warmup draws kept per chain.
+    warmup_steps : int, >= 0, default 200
+        Adaptation iterations per chain, discarded.
+    target_accept : float in (0, 1), default 0.65
+        Target of the harmonic mean (over chains) of the acceptance probability;
+        raise it (0.8, 0.9) if there are divergences.
+    max_leapfrog_steps : int, >= 1, default 1000
+        Cap on leapfrog steps per iteration.
+    num_superchains : int, optional
+        Superchains for nested R-hat: chains ``k*m .. (k+1)*m - 1`` start from one
+        prior draw.  Default: ``num_chains // 8`` if that is >= 2 and divides
+        ``num_chains``, else every chain starts apart and nested R-hat is skipped
+        (``0``: same).
+    x_test : array-like, optional
+        Inputs at which ``f(x*)`` is read for the diagnostics (default: ``x``).
+    seed : int, default 0
+        Seeds the prior draws and a private ``torch.Generator``; the global random
+        state is left untouched.
+    progress : bool, default True
+        A tqdm bar (warmup, then sampling) with acceptance, step size and steps.
+
+    Returns
+    -------
+    ChEESReference
+        An :class:`~pyro_bbb.hmc.HMCReference` (``samples`` ``(num_chains,
+        num_samples, *shape)`` on CPU with the site names of ``run_nuts``;
+        ``sample_stats`` ``acceptance_rate``, ``step_size``, ``n_steps``,
+        ``trajectory_length``, ``diverging``, ``lp``, ``energy``, each ``(chains,
+        draws)``; ``sampler = "pyro_bbb ChEES-HMC"``) plus ``diagnostics`` on f(x*)
+        and ``adaptation``.
+
+    Notes
+    -----
+    ``lp`` is, as for ``run_nuts``, the log joint plus the log-Jacobian of the map to
+    unconstrained space (equal to the log joint for real-valued weights); ``energy``
+    is the Hamiltonian at the draw; ``acceptance_rate`` the Metropolis acceptance
+    probability ``min(1, exp(-dH))`` of the transition.  Chains of a BNN can settle in
+    different modes (units permute, signs flip): judge convergence by the R-hats on
+    ``f(x*)`` in ``diagnostics``, never on weights.
+
+    Examples
+    --------
+    >>> import torch, pyro.distributions as dist
+    >>> import pyro_bbb as bbb
+    >>> x = torch.linspace(-1, 1, 20)[:, None]
+    >>> y = 2 * x[:, 0] + 0.1 * torch.randn(20, generator=torch.Generator().manual_seed(0))
+    >>> model = bbb.BayesianRegressor(torch.nn.Linear(1, 1), prior=dist.Normal(0., 1.), noise=0.1)
+    >>> ref = run_hmc(model, x, y, num_chains=8, num_samples=20, warmup_steps=40, progress=False)
+    >>> ref.samples["0.weight"].shape
+    torch.Size([8, 20, 1, 1])
+    >>> ref.sample_stats["acceptance_rate"].shape
+    (8, 20)
+    """
+    # -- arguments -------------------------------------------------------------------
+    _check_model(model)
+    num_chains = _checks.positive_int("num_chains", num_chains)
+    if num_chains < 2:
+        raise ValueError(f"num_chains must be >= 2 (ChEES adapts across chains), got {num_chains}")
+    num_samples = _checks.positive_int("num_samples", num_samples)
+    if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, Integral) or warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+    warmup_steps = int(warmup_steps)
+    target_accept = _check_unit_interval("target_accept", target_accept)
+    max_leapfrog_steps = _checks.positive_int("max_leapfrog_steps", max_leapfrog_steps)
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    seed = int(seed)
+    if not isinstance(progress, bool):
+        raise ValueError(f"progress must be True or False, got {progress!r}")
+    if num_superchains is None:
+        k = num_chains // 8
+        num_superchains = k if k >= 2 and num_chains % k == 0 else 0
+    elif (
+        isinstance(num_superchains, bool)
+        or not isinstance(num_superchains, Integral)
+        or num_superchains < 0
+        or num_superchains == 1
+        or (num_superchains and num_chains % num_superchains)
+    ):
+        raise ValueError(
+            f"num_superchains must be 0 or an integer >= 2 that divides num_chains={num_chains}, "
+            f"got {num_superchains!r}"
+        )
+    num_superchains = int(num_superchains)
+    _model_priors(model)  # discrete sites -> ValueError before anything runs
+
+    ref = next(iter(model.initial_values().values()))
+    device, dtype = ref.device, ref.dtype
+    x, y = _checks.model_data(model, x, y, dtype)
+    x, y = x.to(device), y.to(device)
+    if x_test is None:
+        x_test = x
+    else:
+        x_test = _checks.as_inputs(x_test, dtype).to(device)
+        if x_test.shape[1:] != x.shape[1:]:
+            raise ValueError(
+                f"x_test must have the same feature shape as x, got {tuple(x_test.shape[1:])} "
+                f"and {tuple(x.shape[1:])}"
+            )
+
+    settings = {
+        "num_chains": num_chains,
+        "num_samples": num_samples,
+        "warmup_steps": warmup_steps,
+        "target_accept": target_accept,
+        "max_leapfrog_steps": max_leapfrog_steps,
+        "num_superchains": num_superchains,
+        "seed": seed,
+        "init_strategy": "prior draws" + (" shared within superchains" if num_superchains else ""),
+        "jitter": "halton",
+        "mass_matrix": "diagonal, pooled within-chain variance, Stan windows",
+    }
+
+    start_time = time.perf_counter()
+    with pyro.validation_enabled(False):
+        potential = Potential(model, x, y)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        position = _initial_positions(potential, model, num_chains, num_superchains, seed, device, dtype)
+        state = hmc_init(position, potential.value_and_grad)
+        inv_mass = torch.ones(potential.dim, dtype=dtype, device=device)
+        draws, stats, adapted, warm = _sample(
+            state, potential, inv_mass, generator, num_samples, warmup_steps, target_accept,
+            max_leapfrog_steps, progress,
+        )
+        # -- outputs ---------------------------------------------------------------------
+        flat = torch.stack(draws, 1)  # (C, S, D)
+        values, _ = potential.unflatten(flat.reshape(-1, potential.dim))
+        samples = {
+            name: v.reshape((num_chains, num_samples) + tuple(v.shape[1:])).detach().cpu()
+            for name, v in values.items()
+        }
+        with torch.no_grad():
+            from .predict import batched_outputs
+
+            f = batched_outputs(model, values, x_test).reshape(num_chains, num_samples, -1)
+    wall_time = time.perf_counter() - start_time
+
+    sample_stats = {k: np.stack(v, 1) for k, v in stats.items()}
+    diagnostics = _f_diagnostics(f.cpu().numpy().astype(np.float64), num_superchains)
+    diagnostics.update(
+        max_rhat_f=float(np.nanmax(diagnostics["rhat_f"])),
+        min_ess_bulk_f=float(np.nanmin(diagnostics["ess_bulk_f"])),
+        median_ess_bulk_f=float(np.nanmedian(diagnostics["ess_bulk_f"])),
+        divergences=int(sample_stats["diverging"].sum()),
+    )
+    if num_superchains:
+        diagnostics["max_nested_rhat_f"] = float(np.nanmax(diagnostics["nested_rhat_f"]))
+    adaptation = {**adapted, **{f"warmup_{k}": np.asarray(v) for k, v in warm.items()}}
+    return ChEESReference(
+        samples=samples,
+        sample_stats=sample_stats,
+        sampler="pyro_bbb ChEES-HMC",
+        settings=settings,
+        wall_time=wall_time,
+        mcmc=[],
+        diagnostics=diagnostics,
+        adaptation=adaptation,
+    )
+
+
+def _harmonic_mean(acceptance: Tensor, diverging: Tensor) -> float:
+    """Harmonic mean of the acceptance probabilities of non-divergent chains (0 if none)."""
+    a = acceptance[~diverging].to(torch.float64)
+    if a.numel() == 0:
+        return 0.0
+    if bool((a <= 0).any()):
+        return 0.0
+    return float(1.0 / (1.0 / a).mean())
+
+
+def _sample(state, potential, inv_mass, generator, num_samples, warmup_steps, target_accept,
+            max_leapfrog_steps, progress):
+    """Warmup (adapting) then sampling; returns draws, stats, adapted values, warmup trace."""
+    fn = potential.value_and_grad
+    num_chains = state.position.shape[0]
+    step_size = find_step_size(state, fn, inv_mass, 0.1, generator)
+    da = dual_averaging_init(step_size)
+    chees = chees_init(step_size)
+    windows = adaptation_windows(warmup_steps)
+    window_start = int(0.15 * warmup_steps) if windows else warmup_steps
+    welford = welford_init(num_chains, potential.dim, state.position)
+    trajectory_length = step_size
+    warm = {"step_size": [], "trajectory_length": [], "n_steps": [], "acceptance_rate": []}
+    draws, stats = [], {k: [] for k in (
+        "acceptance_rate", "step_size", "n_steps", "trajectory_length", "diverging", "lp", "energy")}
+
+    bar = tqdm(total=warmup_steps + num_samples, disable=not progress, desc="warmup", leave=True)
+    try:
+        for i in range(warmup_steps + num_samples):
+            warmup = i < warmup_steps
+            if i == warmup_steps:  # freeze the adapted values
+                step_size = math.exp(da.log_step_avg)
+                trajectory_length = min(math.exp(chees.log_length_avg), max_leapfrog_steps * step_size)
+                bar.set_description("sample")
+            jitter = halton(i + 1)
+            n = num_leapfrog_steps(trajectory_length, step_size, jitter, max_leapfrog_steps)
+            initial = state.position
+            state, info = hmc_step(state, fn, step_size=step_size, inv_mass=inv_mass, n_steps=n,
+                                   generator=generator)
+            acc_h = _harmonic_mean(info.acceptance_rate, info.diverging)
+            if warmup:
+                warm["step_size"].append(step_size)
+                warm["trajectory_length"].append(trajectory_length)
+                warm["n_steps"].append(n)
+                warm["acceptance_rate"].append(acc_h)
+                grad = chees_gradient(initial, info, inv_mass, jitter, trajectory_length)
+                chees = chees_update(chees, grad)
+                da = dual_averaging_update(da, acc_h, target_accept)
+                step_size = math.exp(da.log_step)
+                trajectory_length = min(math.exp(chees.log_length), max_leapfrog_steps * step_size)
+                if i >= window_start:
+                    welford = welford_update(welford, state.position)
+                if i in windows:
+                    inv_mass = welford_inverse_mass(welford).to(inv_mass.dtype)
+                    welford = welford_init(num_chains, potential.dim, state.position)
+                    state = hmc_init(state.position, fn)
+                    new_step = find_step_size(state, fn, inv_mass, step_size, generator)
+                    ratio = new_step / step_size
+                    step_size = new_step
+                    da = dual_averaging_init(step_size)
+                    trajectory_length = trajectory_length * ratio
+                    chees = ChEESState(math.log(trajectory_length), math.log(trajectory_length),
+                                       chees.sq_grad_avg, chees.count)
+            else:
+                draws.append(state.position)
+                stats["acceptance_rate"].append(info.acceptance_rate.cpu().numpy().astype(np.float64))
+                stats["step_size"].append(np.full(num_chains, step_size))
+                stats["n_steps"].append(np.full(num_chains, n, dtype=np.int64))
+                stats["trajectory_length"].append(np.full(num_chains, n * step_size))
+                stats["diverging"].append(info.diverging.cpu().numpy())
+                stats["lp"].append((-state.potential).cpu().numpy().astype(np.float64))
+                stats["energy"].append(info.energy.cpu().numpy().astype(np.float64))
+            bar.set_postfix(acc=f"{acc_h:.2f}", step=f"{step_size:.2g}", L=n, refresh=False)
+            bar.update()
+    finally:
+        bar.close()
+    adapted = {
+        "step_size": step_size,
+        "trajectory_length": trajectory_length,
+        "inverse_mass_matrix": inv_mass.cpu().numpy(),
+    }
+    return draws, stats, adapted, warm

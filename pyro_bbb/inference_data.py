@@ -1,0 +1,428 @@
+"""ArviZ ``InferenceData`` for Bayes by Backprop and for the HMC reference.
+
+:func:`to_inference_data` turns either posterior -- a fitted :class:`~pyro_bbb.BBBGuide`
+or an HMC reference (:func:`pyro_bbb.hmc.run_nuts`) -- of a pyro_bbb model into one
+``InferenceData`` with the *same* variable names, dimensions and coordinates, so that
+``az.plot_forest([vi, hmc])``, ``az.compare`` and :func:`pyro_bbb.compare` line up
+element by element.  Everything the network computes (outputs, predictive draws,
+pointwise log-likelihoods) is evaluated in chunks of draws with one batched forward
+pass per chunk, on the model's device, and lands on the host as numpy.
+
+Groups and variables (``S`` draws per chain; ``n`` training rows, ``m`` test rows)::
+
+    posterior                   <site>        (chain, draw, <site>_dim_0, ...)
+    posterior_predictive        y             (chain, draw, obs[, output])
+    log_likelihood              y             (chain, draw, obs)
+    sample_stats                HMC: diverging, step_size, tree_depth, n_steps,
+                                     energy, acceptance_rate, lp (whatever the run has)
+                                BBB: lp = log p(theta, y), log_q = log q(theta);
+                                     attrs["elbo"] = the ELBO trace (with history)
+    observed_data               y             (obs[, output])
+    constant_data               x             (obs, feature[, feature_dim_1, ...])
+    predictions (x_test)        f             (chain, draw, test[, output | class])
+                                prob          (chain, draw, test, class)  classifiers
+                                y             (chain, draw, test[, output])
+                                log_lik       (chain, draw, test)         with y_test
+    predictions_constant_data   x             (test, feature[, ...])
+                                y             (test[, output])           with y_test
+
+For a one-logit (Bernoulli) classifier ``f`` is the logit of class 1, shape
+``(chain, draw, test)``, and ``prob`` has two classes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from numbers import Integral
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _checks
+from .predict import DEFAULT_CHUNK_ROWS, batched_outputs
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FutureWarning)  # arviz 0.23's refactor notice
+    import arviz as az
+
+__all__ = ["to_inference_data"]
+
+#: Other samplers' names for ArviZ's ``sample_stats`` variables.
+_STAT_ALIASES = {
+    "divergent": "diverging",
+    "divergences": "diverging",
+    "accept_prob": "acceptance_rate",
+    "mean_tree_accept": "acceptance_rate",
+    "accept_stat": "acceptance_rate",
+    "num_steps": "n_steps",
+    "treedepth": "tree_depth",
+    "stepsize": "step_size",
+}
+
+
+def _is_guide(posterior) -> bool:
+    return hasattr(posterior, "sample_posterior") and hasattr(posterior, "log_density")
+
+
+def _is_reference(posterior) -> bool:
+    return hasattr(posterior, "samples") and hasattr(posterior, "sample_stats")
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _site_dims(name: str, shape) -> list[str]:
+    return [f"{name}_dim_{i}" for i in range(len(shape))]
+
+
+def _feature_dims(x: Tensor) -> list[str]:
+    return ["feature"] + [f"feature_dim_{i}" for i in range(1, x.dim() - 1)]
+
+
+def _output_dims(value_shape, leading: int, name: str) -> list[str]:
+    """Names of the dims after ``leading`` ones: "output"/"class" for a last dim."""
+    extra = len(value_shape) - leading
+    if extra <= 0:
+        return []
+    if extra == 1:
+        return [name]
+    return [name] + [f"{name}_dim_{i}" for i in range(1, extra)]
+
+
+def _validate_seed(seed):
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    return int(seed)
+
+
+def _rng_devices(device: torch.device) -> list[int]:
+    if device.type == "cuda":
+        return [device.index if device.index is not None else torch.cuda.current_device()]
+    return []
+
+
+def _evaluate(model, draws, x, y, chunk_size, classifier):
+    """Network output, predictive draws and (if y) pointwise log-likelihood at x.
+
+    Returns numpy arrays on the host, each with leading dim S; the device holds
+    one chunk of draws at a time.
+    """
+    num_draws = next(iter(draws.values())).shape[0]
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_ROWS // max(1, x.shape[0]))
+    out = {"f": [], "y": [], "prob": [], "log_lik": []}
+    with torch.no_grad():
+        for i in range(0, num_draws, chunk_size):
+            chunk = {k: v[i : i + chunk_size] for k, v in draws.items()}
+            f = batched_outputs(model, chunk, x, chunk_size)
+            out["y"].append(_numpy(model.sample_y(chunk, f)))
+            if y is not None:
+                out["log_lik"].append(_numpy(model.log_likelihood(chunk, x, y)))
+            if classifier:
+                if f.dim() == 2 or f.shape[-1] == 1:  # one logit: Bernoulli
+                    f = f.reshape(f.shape[:2])
+                    p1 = torch.sigmoid(f)
+                    prob = torch.stack([1 - p1, p1], -1)
+                else:
+                    prob = torch.softmax(f, -1)
+                out["prob"].append(_numpy(prob))
+            out["f"].append(_numpy(f))
+    return {k: np.concatenate(v) for k, v in out.items() if v}
+
+
+def _log_joint(model, draws, x, y, chunk_size) -> np.ndarray:
+    num_draws = next(iter(draws.values())).shape[0]
+    if chunk_size is None:
+        chunk_size = max(1, DEFAULT_CHUNK_ROWS // max(1, x.shape[0]))
+    with torch.no_grad():
+        return np.concatenate(
+            [
+                _numpy(model.log_joint({k: v[i : i + chunk_size] for k, v in draws.items()}, x, y))
+                for i in range(0, num_draws, chunk_size)
+            ]
+        )
+
+
+def to_inference_data(
+    model,
+    posterior,
+    x,
+    y,
+    *,
+    x_test=None,
+    y_test=None,
+    num_samples: int = 500,
+    history=None,
+    seed: int | None = None,
+    chunk_size: int | None = None,
+):
+    """ArviZ ``InferenceData`` of a BBB guide or an HMC reference, with shared names.
+
+    Parameters
+    ----------
+    model : BayesianRegressor or BayesianClassifier
+        The pyro_bbb model both posteriors belong to.
+    posterior : BBBGuide or HMC reference
+        A fitted guide (``num_samples`` draws from q, stored as 1 chain) or the
+        result of :func:`pyro_bbb.hmc.run_nuts` (or any object with ``samples``
+        ``{site: (chains, draws, *shape)}`` and ``sample_stats``; all its chains and
+        draws are kept and ``num_samples`` is ignored).
+    x, y : array-like
+        The training data the posterior was fitted to (for ``posterior_predictive``,
+        ``log_likelihood``, ``observed_data``, ``constant_data`` and BBB's ``lp``).
+    x_test, y_test : array-like, optional
+        Inputs at which to store ``predictions`` (network output ``f``, class
+        probabilities ``prob`` for classifiers, predictive draws ``y``) and, with
+        ``y_test``, the pointwise test log-likelihood ``log_lik``.
+    num_samples : int, default 500
+        Draws from a guide.
+    history : pyro_bbb.History, optional
+        BBB's training record; its ELBO trace becomes ``sample_stats.attrs["elbo"]``.
+    seed : int, optional
+        Seeds the guide's draws and the predictive draws (the caller's global
+        random stream is left untouched when given).
+    chunk_size : int, optional
+        Draws per batched forward pass (default: about 2.6e5 rows of draws x
+        inputs), which bounds the device memory.
+
+    Returns
+    -------
+    arviz.InferenceData
+        Groups ``posterior``, ``posterior_predictive``, ``log_likelihood``,
+        ``sample_stats``, ``observed_data``, ``constant_data`` and, with ``x_test``,
+        ``predictions`` and ``predictions_constant_data``; see the module docstring
+        for variables and dims.  Every group's attrs (and ``idata.attrs``) hold
+        ``inference`` ("bbb" or the sampler's name), ``settings`` (JSON string),
+        ``task`` and ``num_hidden_layers``.
+
+    Notes
+    -----
+    BBB's ``lp`` is ``log p(theta, y)`` in the sites' constrained space, the same
+    space as ``log_q``, so ``lp - log_q`` are importance log-weights of q.  Pyro
+    NUTS's ``lp`` is read in its unconstrained space (it adds the log-Jacobian of
+    constrained sites such as a learned noise; the two agree for real-valued
+    weights).
+
+    Examples
+    --------
+    >>> import torch, pyro.distributions as dist
+    >>> import pyro_bbb as bbb
+    >>> from pyro_bbb.inference_data import to_inference_data
+    >>> x = torch.linspace(-1, 1, 20)[:, None]
+    >>> y = 2 * x[:, 0] + 0.1 * torch.randn(20)
+    >>> model = bbb.BayesianRegressor(torch.nn.Linear(1, 1), prior=dist.Normal(0.0, 1.0), noise=0.1)
+    >>> guide = bbb.BBBGuide(model)
+    >>> hist = bbb.fit(model, guide, x, y, epochs=20, progress=False, seed=0)
+    >>> idata = to_inference_data(model, guide, x, y, x_test=torch.zeros(3, 1),
+    ...                           num_samples=100, history=hist, seed=0)
+    >>> idata.posterior["0.weight"].dims
+    ('chain', 'draw', '0.weight_dim_0', '0.weight_dim_1')
+    >>> idata.predictions["f"].shape
+    (1, 100, 3)
+    >>> idata.posterior.attrs["inference"]
+    'bbb'
+    """
+    # -- arguments -------------------------------------------------------------------
+    for attr in ("output", "log_likelihood", "log_joint", "sample_y", "latent_names", "initial_values"):
+        if not hasattr(model, attr):
+            raise ValueError(
+                "model must be a pyro_bbb model (BayesianRegressor / BayesianClassifier), "
+                f"got {type(model).__name__} without {attr!r}"
+            )
+    is_guide = _is_guide(posterior)
+    if not is_guide and not _is_reference(posterior):
+        raise ValueError(
+            "posterior must be a BBBGuide or an HMC reference (run_nuts / run_hmc), "
+            f"got {type(posterior).__name__}"
+        )
+    if is_guide and getattr(posterior, "prototype_trace", True) is None:
+        raise ValueError("posterior: the guide is not set up yet; fit() it (or call it once) first")
+    num_samples = _checks.positive_int("num_samples", num_samples)
+    if chunk_size is not None:
+        chunk_size = _checks.positive_int("chunk_size", chunk_size)
+    seed = _validate_seed(seed)
+    if history is not None and not hasattr(history, "elbo"):
+        raise ValueError(
+            f"history must be a pyro_bbb History (from fit) or None, got {type(history).__name__}"
+        )
+    ref = next(iter(model.initial_values().values()))
+    device, dtype = ref.device, ref.dtype
+    x, y = _checks.model_data(model, x, y, dtype)
+    x, y = x.to(device), y.to(device)
+    if y_test is not None and x_test is None:
+        raise ValueError("y_test is given without x_test")
+    if x_test is not None:
+        if y_test is not None:
+            x_test, y_test = _checks.model_data(model, x_test, y_test, dtype)
+            y_test = y_test.to(device)
+        else:
+            x_test = _checks.as_inputs(x_test, dtype)
+        x_test = x_test.to(device)
+        if x_test.shape[1:] != x.shape[1:]:
+            raise ValueError(
+                f"x_test must have the same feature shape as x, got {tuple(x_test.shape[1:])} "
+                f"and {tuple(x.shape[1:])}"
+            )
+    classifier = getattr(model, "task", None) == "classification"
+
+    # -- draws -----------------------------------------------------------------------
+    sites = tuple(model.latent_names)
+    with torch.random.fork_rng(devices=_rng_devices(device), enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        if is_guide:
+            raw = posterior.sample_posterior(num_samples)
+            num_chains, num_draws = 1, num_samples
+            samples = {k: v.detach() for k, v in raw.items()}
+            missing = [s for s in sites if s not in samples]
+            if missing:
+                raise ValueError(f"posterior: the guide has no site(s) {missing} of the model")
+            draws = {k: samples[k].to(device=device, dtype=dtype) for k in sites}
+            posterior_np = {k: _numpy(samples[k])[None] for k in sites}
+        else:
+            samples = dict(posterior.samples)
+            missing = [s for s in sites if s not in samples]
+            if missing:
+                raise ValueError(f"posterior: the reference has no draws of site(s) {missing}")
+            first = torch.as_tensor(samples[sites[0]])
+            if first.dim() < 2:
+                raise ValueError(
+                    "posterior.samples must hold arrays of shape (chains, draws, *site_shape)"
+                )
+            num_chains, num_draws = first.shape[:2]
+            draws, posterior_np = {}, {}
+            for k in sites:
+                v = torch.as_tensor(samples[k])
+                if v.shape[:2] != (num_chains, num_draws):
+                    raise ValueError(
+                        f"posterior.samples[{k!r}] has leading shape {tuple(v.shape[:2])}, "
+                        f"expected (chains, draws) = {(num_chains, num_draws)}"
+                    )
+                posterior_np[k] = _numpy(v)
+                draws[k] = v.reshape((-1,) + tuple(v.shape[2:])).to(device=device, dtype=dtype)
+
+        def chains(a: np.ndarray) -> np.ndarray:
+            return a.reshape((num_chains, num_draws) + a.shape[1:])
+
+        train = _evaluate(model, draws, x, y, chunk_size, classifier)
+        test = (
+            _evaluate(model, draws, x_test, y_test, chunk_size, classifier)
+            if x_test is not None
+            else None
+        )
+        if is_guide:
+            lp = _log_joint(model, draws, x, y, chunk_size)
+            with torch.no_grad():
+                log_q = _numpy(posterior.log_density(draws))
+
+    # -- metadata --------------------------------------------------------------------
+    if is_guide:
+        inference = "bbb"
+        settings = {
+            "num_samples": num_samples,
+            "seed": seed,
+            "init_scale": getattr(posterior, "init_scale", None),
+            "guide": type(posterior).__name__,
+        }
+        if history is not None:
+            elbo = np.asarray(history.elbo, dtype=np.float64)
+            settings.update(
+                steps=int(len(elbo)),
+                seconds=float(getattr(history, "seconds", math.nan)),
+                interrupted=bool(getattr(history, "interrupted", False)),
+                final_elbo=float(elbo[-1]) if len(elbo) else None,
+            )
+    else:
+        inference = str(getattr(posterior, "sampler", type(posterior).__name__))
+        settings = dict(getattr(posterior, "settings", {}) or {})
+        settings["wall_time"] = float(getattr(posterior, "wall_time", math.nan))
+    attrs = {
+        "inference": inference,
+        "settings": json.dumps(settings, default=str, sort_keys=True),
+        "task": str(getattr(model, "task", "unknown")),
+        "num_hidden_layers": int(model.network.num_hidden_layers),
+    }
+
+    # -- groups ----------------------------------------------------------------------
+    n = x.shape[0]
+    coords = {
+        "chain": np.arange(num_chains),
+        "draw": np.arange(num_draws),
+        "obs": np.arange(n),
+    }
+    for i, size in enumerate(x.shape[1:]):
+        coords[_feature_dims(x)[i]] = np.arange(size)
+
+    def dataset(data, dims, default_dims=None, extra_attrs=None):
+        for name, value in data.items():
+            lead = 2 if default_dims is None else len(default_dims)
+            for dim, size in zip(dims[name], value.shape[lead:]):
+                coords.setdefault(dim, np.arange(size))
+        used = {d for name in data for d in dims[name]} | set(default_dims or ("chain", "draw"))
+        return az.dict_to_dataset(
+            data,
+            attrs={**attrs, **(extra_attrs or {})},
+            coords={k: v for k, v in coords.items() if k in used},
+            dims=dims,
+            default_dims=default_dims,
+        )
+
+    y_np = _numpy(y)
+    y_dims = ["obs"] + _output_dims(y_np.shape, 1, "output")
+    groups = {
+        "posterior": dataset(
+            posterior_np, {k: _site_dims(k, v.shape[2:]) for k, v in posterior_np.items()}
+        ),
+        "posterior_predictive": dataset({"y": chains(train["y"])}, {"y": y_dims}),
+        "log_likelihood": dataset({"y": chains(train["log_lik"])}, {"y": ["obs"]}),
+        "observed_data": dataset({"y": y_np}, {"y": y_dims}, default_dims=[]),
+        "constant_data": dataset({"x": _numpy(x)}, {"x": ["obs"] + _feature_dims(x)}, default_dims=[]),
+    }
+    if is_guide:
+        extra = {"elbo": np.asarray(history.elbo, dtype=np.float64)} if history is not None else None
+        groups["sample_stats"] = dataset(
+            {"lp": chains(lp), "log_q": chains(log_q)}, {"lp": [], "log_q": []}, extra_attrs=extra
+        )
+    else:
+        stats = {}
+        for name, value in dict(posterior.sample_stats).items():
+            value = np.asarray(value.detach().cpu() if isinstance(value, Tensor) else value)
+            name = _STAT_ALIASES.get(name, name)
+            if value.shape[:2] != (num_chains, num_draws):
+                raise ValueError(
+                    f"posterior.sample_stats[{name!r}] has shape {value.shape}, expected "
+                    f"(chains, draws) = {(num_chains, num_draws)} leading"
+                )
+            stats[name] = value
+        groups["sample_stats"] = dataset(
+            stats, {k: [f"{k}_dim_{i}" for i in range(v.ndim - 2)] for k, v in stats.items()}
+        )
+    if test is not None:
+        coords["test"] = np.arange(x_test.shape[0])
+        f_name = "class" if classifier else "output"
+        pred = {"f": chains(test["f"]), "y": chains(test["y"])}
+        pred_dims = {
+            "f": ["test"] + _output_dims(test["f"].shape, 2, f_name),
+            "y": ["test"] + _output_dims(test["y"].shape, 2, "output"),
+        }
+        if classifier:
+            pred["prob"] = chains(test["prob"])
+            pred_dims["prob"] = ["test", "class"]
+        if y_test is not None:
+            pred["log_lik"] = chains(test["log_lik"])
+            pred_dims["log_lik"] = ["test"]
+        groups["predictions"] = dataset(pred, pred_dims)
+        const = {"x": _numpy(x_test)}
+        const_dims = {"x": ["test"] + _feature_dims(x_test)}
+        if y_test is not None:
+            yt = _numpy(y_test)
+            const["y"] = yt
+            const_dims["y"] = ["test"] + _output_dims(yt.shape, 1, "output")
+        groups["predictions_constant_data"] = dataset(const, const_dims, default_dims=[])
+    return az.InferenceData(attrs=dict(attrs), **groups)
