@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
+import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,13 +160,21 @@ class ComparisonReport:
             lines += ["## Warnings", ""] + [f"- {w}" for w in self.warnings] + [""]
         for section, title in _SECTION_TITLES.items():
             rows = self.table[self.table.section == section]
-            if rows.empty:
+            if rows.empty or section == "weight space":
                 continue
             lines += [f"## {title}", ""]
             cols = [c for c in ("metric", "scope", "vi", "hmc", "value", "note") if rows[c].notna().any()]
             lines += [_markdown_table(rows[cols]), ""]
         if not self.weight_space.empty:
-            lines += ["## Weight space by site", "", _markdown_table(self.weight_space), ""]
+            ws = self.weight_space
+            lines += [
+                f"## {_SECTION_TITLES['weight space']}",
+                "",
+                f"Per site, medians over its elements. {str(ws.note.iloc[0]).capitalize()}.",
+                "",
+                _markdown_table(ws.drop(columns=["note", "identifiable"])),
+                "",
+            ]
         if not self.per_input.empty:
             n = len(self.per_input)
             keep = np.unique(np.linspace(0, n - 1, min(n, max_input_rows)).round().astype(int))
@@ -372,7 +380,8 @@ def _default_in_data(x_train, x_test):
     else:
         radius = 0.0
     dist, _ = tree.query(xte, k=1)
-    return dist <= radius * (1 + 1e-9) + 1e-12
+    # Relative slack: inputs stored in float32 put equal distances a few ulps apart.
+    return dist <= radius * (1 + 1e-6) + 1e-12
 
 
 def _per_input(vi, hmc, x_test, mask, num_out, outputs):
@@ -685,14 +694,13 @@ def _figure(figsize=(7.0, 4.0)):
 
 
 def _save(fig, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".png.tmp", dir=path.parent)
-    os.close(fd)
+    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         fig.savefig(tmp, format="png", dpi=110)
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     finally:
         fig.clear()
@@ -758,7 +766,11 @@ def _plot_std_ratio(rows, vi):
     ax.plot(x, ratio, color="tab:orange", lw=1.5, label="std BBB / std HMC")
     ax.axhline(1.0, color="black", lw=1, ls="--")
     if np.all(ratio[np.isfinite(ratio)] > 0) and np.isfinite(ratio).any():
+        from matplotlib.ticker import ScalarFormatter
+
         ax.set_yscale("log")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+            axis(ScalarFormatter())
     xt, _ = _training_points(vi)  # training inputs as a rug along the bottom
     ax.plot(xt, np.full_like(xt, 0.02), "|", color="tab:blue", transform=ax.get_xaxis_transform())
     ax.set_xlabel("x*")

@@ -186,14 +186,12 @@ class Potential:
 
 
 def _is_identity(transform) -> bool:
-    return isinstance(transform, torch.distributions.transforms.IndependentTransform) and _is_identity(
-        transform.base_transform
-    ) or (
-        isinstance(transform, torch.distributions.transforms.ComposeTransform)
-        and not transform.parts
-    ) or type(transform).__name__ == "_IdentityTransform" or (
-        getattr(torch.distributions.transforms, "identity_transform", None) is transform
-    )
+    """True for ``biject_to(real)`` (an empty ``ComposeTransform``), possibly wrapped in
+    ``IndependentTransform``: such a site needs no Jacobian term."""
+    transforms = torch.distributions.transforms
+    while isinstance(transform, transforms.IndependentTransform):
+        transform = transform.base_transform
+    return isinstance(transform, transforms.ComposeTransform) and not transform.parts
 
 
 def _model_priors(model) -> dict:
@@ -339,8 +337,9 @@ def dual_averaging_update(
 class ChEESState(NamedTuple):
     log_length: float  # the RMSProp iterate, log T
     log_length_avg: float  # iterate average with weights n^-1/2
-    sq_grad_avg: float
-    count: int
+    sq_grad_avg: float  # RMSProp's running mean of squared gradients
+    count: int  # RMSProp steps (bias correction)
+    avg_count: int  # iterates in the average (restarted by chees_restart)
 
 
 #: TFP's RMSProp settings for the trajectory length (GradientBasedTrajectoryLengthAdaptation).
@@ -350,7 +349,13 @@ CHEES_MAX_LOG_UPDATE = 0.35
 
 
 def chees_init(trajectory_length: float) -> ChEESState:
-    return ChEESState(math.log(trajectory_length), math.log(trajectory_length), 0.0, 0)
+    return ChEESState(math.log(trajectory_length), math.log(trajectory_length), 0.0, 0, 0)
+
+
+def chees_restart(state: ChEESState, trajectory_length: float) -> ChEESState:
+    """Continue from ``trajectory_length`` (after a metric change), restarting the average."""
+    log_length = math.log(trajectory_length)
+    return state._replace(log_length=log_length, log_length_avg=log_length, avg_count=0)
 
 
 def chees_gradient(
@@ -391,9 +396,10 @@ def chees_update(state: ChEESState, grad: float) -> ChEESState:
     update = CHEES_LEARNING_RATE * grad / math.sqrt(sq_hat + 1e-20)
     update = min(max(update, -CHEES_MAX_LOG_UPDATE), CHEES_MAX_LOG_UPDATE)
     log_length = state.log_length + update
-    w = count ** (-0.5)
+    avg_count = state.avg_count + 1
+    w = avg_count ** (-0.5)
     log_length_avg = w * log_length + (1 - w) * state.log_length_avg
-    return ChEESState(log_length, log_length_avg, sq, count)
+    return ChEESState(log_length, log_length_avg, sq, count, avg_count)
 
 
 class WelfordState(NamedTuple):
@@ -843,8 +849,7 @@ def _sample(state, potential, inv_mass, generator, num_samples, warmup_steps, ta
                     step_size = new_step
                     da = dual_averaging_init(step_size)
                     trajectory_length = trajectory_length * ratio
-                    chees = ChEESState(math.log(trajectory_length), math.log(trajectory_length),
-                                       chees.sq_grad_avg, chees.count)
+                    chees = chees_restart(chees, trajectory_length)
             else:
                 draws.append(state.position)
                 stats["acceptance_rate"].append(info.acceptance_rate.cpu().numpy().astype(np.float64))
