@@ -15,9 +15,11 @@ torch.Size([10, 100])
 """
 
 from . import datasets
+from .compare import ComparisonReport, compare
 from .guide import BBBGuide
 from .hmc import HMCReference, run_nuts
 from .nn import BayesianClassifier, BayesianNetwork, BayesianRegressor, bayesianize
+from .inference_data import to_inference_data
 from .predict import Prediction, predict
 from .priors import ScaleMixtureNormal
 from .train import BBBLoss, History, NonFiniteLossError, fit, kl_weights
@@ -30,15 +32,18 @@ __all__ = [
     "BayesianClassifier",
     "BayesianNetwork",
     "BayesianRegressor",
+    "ComparisonReport",
     "HMCReference",
     "History",
     "NonFiniteLossError",
     "Prediction",
     "ScaleMixtureNormal",
     "bayesianize",
+    "compare",
     "datasets",
     "fit",
     "kl_weights",
     "predict",
     "run_nuts",
+    "to_inference_data",
 ]
