@@ -221,8 +221,8 @@ def to_inference_data(
     >>> hist = bbb.fit(model, guide, x, y, epochs=20, progress=False, seed=0)
     >>> idata = to_inference_data(model, guide, x, y, x_test=torch.zeros(3, 1),
     ...                           num_samples=100, history=hist, seed=0)
-    >>> idata.posterior["0.weight"].dims
-    ('chain', 'draw', '0.weight_dim_0', '0.weight_dim_1')
+    >>> idata.posterior["weight"].dims
+    ('chain', 'draw', 'weight_dim_0', 'weight_dim_1')
     >>> idata.predictions["f"].shape
     (1, 100, 3)
     >>> idata.posterior.attrs["inference"]
@@ -253,17 +253,18 @@ def to_inference_data(
         )
     ref = next(iter(model.initial_values().values()))
     device, dtype = ref.device, ref.dtype
-    x, y = _checks.model_data(model, x, y, dtype)
-    x, y = x.to(device), y.to(device)
+
+    def on_device(value):  # validation may run the network (a classifier's class count)
+        return None if value is None else torch.as_tensor(value).to(device)
+
+    x, y = _checks.model_data(model, on_device(x), on_device(y), dtype)
     if y_test is not None and x_test is None:
         raise ValueError("y_test is given without x_test")
     if x_test is not None:
         if y_test is not None:
-            x_test, y_test = _checks.model_data(model, x_test, y_test, dtype)
-            y_test = y_test.to(device)
+            x_test, y_test = _checks.model_data(model, on_device(x_test), on_device(y_test), dtype)
         else:
-            x_test = _checks.as_inputs(x_test, dtype)
-        x_test = x_test.to(device)
+            x_test = _checks.as_inputs(on_device(x_test), dtype)
         if x_test.shape[1:] != x.shape[1:]:
             raise ValueError(
                 f"x_test must have the same feature shape as x, got {tuple(x_test.shape[1:])} "
