@@ -90,8 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--pi", type=_probability, default=0.5, help="mixture weight of the wide component")
     m.add_argument("--sigma1", type=_positive_float, default=1.0, help="wide component std")
     m.add_argument("--sigma2", type=_positive_float, default=math.exp(-6), help="narrow component std")
-    m.add_argument("--noise", type=_noise, default=0.1,
-                   help="regression noise std, or 'learned' (LogNormal(0, 1) prior)")
+    m.add_argument("--noise", type=_noise, default=None,
+                   help="regression noise std, or 'learned' (LogNormal(0, 1) prior); "
+                   "default 0.1 on the curve, 'learned' on standardized data sets")
     b = c.add_argument_group("Bayes by Backprop")
     b.add_argument("--epochs", type=_positive_int, default=1500)
     b.add_argument("--lr", type=_positive_float, default=0.01)
@@ -148,6 +149,8 @@ def run_compare(args) -> Path:
 
     torch.set_num_threads(args.threads)
     data = _load(args)
+    if args.noise is None:
+        args.noise = 0.1 if args.dataset == "curve" else "learned"
     torch.manual_seed(args.seed)
     if args.prior == "gaussian":
         prior = dist.Normal(0.0, args.prior_sigma)
