@@ -356,15 +356,23 @@ def fit(
     x, y = _checks.model_data(model, x, y)
     n = x.shape[0]
     batch_size = n if batch_size is None else _checks.positive_int("batch_size", batch_size)
-    weights = kl_weights(math.ceil(n / batch_size), kl_weighting)
     if device is not None:
         x, y = x.to(device), y.to(device)
         for m in (model, guide):
             if isinstance(m, nn.Module):
                 m.to(device)
+    rank, world = _distributed_rank_and_size()
+    if world > 1:
+        if n < world:
+            raise ValueError(f"data: {n} rows cannot be shared by {world} processes")
+        seed = _same_seed_everywhere(seed)
+        progress = progress and rank == 0
     if seed is not None:
         pyro.set_rng_seed(seed)
     order = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+    global_batch = min(batch_size * world, n)
+    num_batches = len(_global_batches(torch.arange(n), global_batch, world))
+    weights = kl_weights(num_batches, kl_weighting)
 
     history = History()
     train_step = TrainStep(model, guide, x[:batch_size], y[:batch_size], num_data=n, lr=lr,
@@ -375,14 +383,17 @@ def fit(
     try:
         for epoch in range(epochs):
             perm = torch.randperm(n, generator=order).to(x.device)
-            for i, idx in enumerate(perm.split(batch_size)):
+            for i, batch in enumerate(_global_batches(perm, global_batch, world)):
+                # DistributedSampler's split: rank r takes every world-th index of the
+                # epoch's permutation, so the ranks' i-th batches make up global batch i.
+                idx = batch[rank::world]
                 kl_scale = float(weights[i] * len(weights))
-                value = train_step(x[idx], y[idx], kl_scale, where=f"step {step} (epoch {epoch}, batch {i})")
-                terms = train_step.loss_fn.last_terms
+                value, terms = train_step(x[idx], y[idx], kl_scale, where=f"step {step} (epoch {epoch}, batch {i})",
+                                          share=idx.shape[0] * world / batch.shape[0])
                 history.epoch.append(epoch)
                 history.loss.append(value)
-                history.log_likelihood.append(terms["log_likelihood"].item())
-                history.kl.append(terms["kl"].item())
+                history.log_likelihood.append(terms[0])
+                history.kl.append(terms[1])
                 history.kl_weight.append(kl_scale)
                 step += 1
                 bar.update()
@@ -397,12 +408,59 @@ def fit(
     return history
 
 
+def _global_batches(perm: Tensor, size: int, world: int = 1) -> list[Tensor]:
+    """Split an epoch's permutation into batches of ``size``; a remainder smaller than the
+    number of processes joins the previous batch, so that every process gets a share."""
+    batches = list(perm.split(size))
+    if len(batches) > 1 and batches[-1].shape[0] < world:
+        batches[-2:] = [torch.cat(batches[-2:])]
+    return batches
+
+
+def _distributed_rank_and_size() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _same_seed_everywhere(seed):
+    """All processes need one seed: the same weight noise and minibatch order on every rank
+    is what makes data-parallel training equal to one process with the global batch."""
+    import torch.distributed as dist
+
+    box = [seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()))]
+    dist.broadcast_object_list(box, src=0)
+    if seed is not None and box[0] != seed:
+        raise ValueError(f"seed differs across processes (rank 0 has {box[0]}, this rank {seed})")
+    return box[0]
+
+
+def _check_same_parameters(params) -> None:
+    """Raise on every rank if the ranks start from different parameters."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().reshape(-1) for p in params]).to(torch.float64)
+    ref = flat.clone()
+    dist.broadcast(ref, src=0)
+    differs = torch.tensor([float(not torch.equal(ref, flat))], device=flat.device)
+    dist.all_reduce(differs, op=dist.ReduceOp.MAX)
+    if differs.item():
+        raise ValueError(
+            "model/guide parameters differ across processes at the start of training: build the "
+            "network after the same torch.manual_seed on every rank (or load the same weights)"
+        )
+
+
 class TrainStep:
     """One optimization step of :func:`fit`: loss, finiteness checks, backward,
     optional clipping, Adam.  Built once; also what the speed benchmarks time.
 
     ``x0, y0`` is a first batch: it sets up the guide's parameters (on its device)
-    if that has not happened yet.
+    if that has not happened yet.  Under an initialized ``torch.distributed`` process
+    group the loss module is wrapped in ``DistributedDataParallel``, which all-reduces
+    (averages) the gradients of the guide's and model's parameters.
     """
 
     def __init__(self, model, guide, x0, y0, *, num_data, lr=1e-2, num_particles=1, kl="mc",
@@ -411,26 +469,52 @@ class TrainStep:
         self.takes_num_data = _takes_num_data(model)
         if getattr(guide, "prototype_trace", None) is None:
             with torch.no_grad():
-                self._call(guide, x0, y0)
+                self._call(guide, x0, y0, share=1.0)
         self.loss_fn = make_loss(model, guide, num_particles=num_particles, kl=kl, estimator=estimator)
         self.params = _unique_parameters(guide, model)
+        self.world = _distributed_rank_and_size()[1]
+        self.forward_fn = self.loss_fn
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            _check_same_parameters(self.params)
+            device = self.params[0].device
+            self.forward_fn = DistributedDataParallel(
+                self.loss_fn, device_ids=[device.index] if device.type == "cuda" else None
+            )
         self.optimizer = _adam(self.params, lr)
 
-    def _call(self, fn, xb, yb, **kw):
-        if self.takes_num_data:
+    def _call(self, fn, xb, yb, share, **kw):
+        # share = this rank's part of the global batch x world size (1 in one process):
+        # the likelihood is scaled by N / global batch, so averaging the ranks' gradients
+        # gives the gradient of the one-process objective, even for unequal shards.
+        if not self.takes_num_data:
+            with _ScaleObserved(self.num_data / xb.shape[0] / share):
+                return fn(xb, yb, **kw)
+        if share == 1.0:
             return fn(xb, yb, num_data=self.num_data, **kw)
-        with _ScaleObserved(self.num_data / xb.shape[0]):
-            return fn(xb, yb, **kw)
+        if not isinstance(self.loss_fn, BBBLoss):  # the lean losses scale by num_data / batch
+            return fn(xb, yb, num_data=self.num_data / share, **kw)
+        with _ScaleObserved(1.0 / share):
+            return fn(xb, yb, num_data=self.num_data, **kw)
 
-    def __call__(self, xb, yb, kl_scale: float = 1.0, where: str = "this step") -> float:
+    def __call__(self, xb, yb, kl_scale: float = 1.0, where: str = "this step", share: float = 1.0):
+        """One step; returns (loss, (expected log-likelihood, KL)), averaged over processes."""
         try:
-            loss = self._call(self.loss_fn, xb, yb, kl_scale=kl_scale)
+            loss = self._call(self.forward_fn, xb, yb, share, kl_scale=kl_scale)
         except ValueError as err:  # distribution validation of NaN parameters
             bad = _first_non_finite(self.guide, self.model)
             if bad is None:
                 raise
             raise NonFiniteLossError(f"parameter {bad!r} is not finite at {where}") from err
-        value = loss.item()
+        terms = self.loss_fn.last_terms
+        stats = torch.stack([loss.detach(), terms["log_likelihood"], torch.as_tensor(terms["kl"]).to(loss)])
+        if self.world > 1:  # the global objective; and every rank sees a NaN anywhere
+            import torch.distributed as dist
+
+            dist.all_reduce(stats)
+            stats /= self.world
+        value, log_lik, kl = stats.tolist()
         if not math.isfinite(value):
             raise NonFiniteLossError(
                 f"loss is {value} at {where}: {self.loss_fn.diagnose()}. "
@@ -446,7 +530,7 @@ class TrainStep:
             bad = _first_non_finite(self.guide, self.model, grad=True)
             raise NonFiniteLossError(f"gradient of {bad!r} is not finite at {where}; loss was {value}")
         self.optimizer.step()
-        return value
+        return value, (log_lik, kl)
 
 
 def _adam(params, lr):
