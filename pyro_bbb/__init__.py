@@ -21,6 +21,7 @@ from .hmc import HMCReference, run_nuts
 from .nn import BayesianClassifier, BayesianNetwork, BayesianRegressor, bayesianize
 from .inference_data import to_inference_data
 from .predict import Prediction, predict
+from .prune import PrunedBBBGuide, PruneSummary, prune
 from .priors import ScaleMixtureNormal
 from .train import BBBLoss, History, NonFiniteLossError, fit, kl_weights
 
@@ -37,6 +38,8 @@ __all__ = [
     "History",
     "NonFiniteLossError",
     "Prediction",
+    "PruneSummary",
+    "PrunedBBBGuide",
     "ScaleMixtureNormal",
     "bayesianize",
     "compare",
@@ -44,6 +47,7 @@ __all__ = [
     "fit",
     "kl_weights",
     "predict",
+    "prune",
     "run_nuts",
     "to_inference_data",
 ]
