@@ -315,8 +315,9 @@ def fit(
         pi_i = 1/M, or 2^(M-i) / (2^M - 1), for minibatch i of M in each epoch.
     estimator : {"weights", "local_reparam", "flipout"}
         How a step draws: one weight sample per particle (the paper), local
-        reparameterization (Kingma et al. 2015) or Flipout (Wen et al. 2018) for
-        Linear layers; the last two have lower gradient variance, same expected loss.
+        reparameterization (Kingma et al. 2015, Linear layers) or Flipout (Wen et al.
+        2018, Linear and Conv layers); the last two have lower gradient variance and
+        the same expected loss.
     device : str or torch.device, optional
         Where to train; default: where x lives.  Model, guide and data are moved.
     seed : int, optional
