@@ -16,6 +16,7 @@ torch.Size([10, 100])
 
 from . import datasets
 from .compare import ComparisonReport, compare
+from .fast_hmc import ChEESReference, run_hmc
 from .guide import BBBGuide
 from .hmc import HMCReference, run_nuts
 from .nn import BayesianClassifier, BayesianNetwork, BayesianRegressor, bayesianize
@@ -33,6 +34,7 @@ __all__ = [
     "BayesianClassifier",
     "BayesianNetwork",
     "BayesianRegressor",
+    "ChEESReference",
     "ComparisonReport",
     "HMCReference",
     "History",
@@ -48,6 +50,7 @@ __all__ = [
     "kl_weights",
     "predict",
     "prune",
+    "run_hmc",
     "run_nuts",
     "to_inference_data",
 ]

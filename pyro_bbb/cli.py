@@ -101,13 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--kl", default="analytic", choices=["analytic", "mc"])
     b.add_argument("--kl-weighting", default="uniform", choices=["uniform", "blundell"])
     b.add_argument("--vi-samples", type=_positive_int, default=1000, help="draws from q for the report")
-    h = c.add_argument_group("HMC reference (Pyro NUTS)")
+    h = c.add_argument_group("HMC reference")
+    h.add_argument("--reference", default="hmc", choices=["hmc", "nuts"],
+                   help="hmc: pyro_bbb's ChEES-HMC, many chains in lockstep; nuts: Pyro's NUTS")
     h.add_argument("--warmup", type=_nonnegative_int, default=200)
-    h.add_argument("--samples", type=_positive_int, default=200)
-    h.add_argument("--chains", type=_positive_int, default=2, help="run one after another")
+    h.add_argument("--samples", type=_positive_int, default=None, help="per chain (default: hmc 100, nuts 200)")
+    h.add_argument("--chains", type=_positive_int, default=None,
+                   help="default: hmc 32 (in lockstep), nuts 2 (one after another)")
     h.add_argument("--max-tree-depth", type=_positive_int, default=7,
-                   help="caps each trajectory at 2^depth - 1 leapfrog steps (Pyro NUTS costs ~1.5 ms a step)")
-    h.add_argument("--target-accept", type=_probability, default=0.8)
+                   help="nuts: caps each trajectory at 2^depth - 1 leapfrog steps (~1.5 ms a step)")
+    h.add_argument("--target-accept", type=_probability, default=None, help="default: hmc 0.65, nuts 0.8")
     o = c.add_argument_group("run")
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--out", type=Path, default=Path("out"), help="report folder (replaced atomically)")
@@ -175,11 +178,21 @@ def run_compare(args) -> Path:
                       kl_weighting=args.kl_weighting, seed=args.seed, progress=progress)
     vi_seconds = time.perf_counter() - t0
 
-    say(f"[2/3] HMC reference: Pyro NUTS, {args.chains} chains x ({args.warmup} warmup + {args.samples} draws)")
-    reference = bbb.run_nuts(model, data.x_train, data.y_train, num_samples=args.samples,
-                             warmup_steps=args.warmup, num_chains=args.chains,
-                             max_tree_depth=args.max_tree_depth, target_accept_prob=args.target_accept,
-                             seed=args.seed, progress=progress)
+    nuts = args.reference == "nuts"
+    chains = args.chains or (2 if nuts else 32)
+    samples = args.samples or (200 if nuts else 100)
+    accept = args.target_accept or (0.8 if nuts else 0.65)
+    name = "Pyro NUTS" if nuts else "ChEES-HMC"
+    say(f"[2/3] HMC reference: {name}, {chains} chains x ({args.warmup} warmup + {samples} draws)")
+    if nuts:
+        reference = bbb.run_nuts(model, data.x_train, data.y_train, num_samples=samples,
+                                 warmup_steps=args.warmup, num_chains=chains,
+                                 max_tree_depth=args.max_tree_depth, target_accept_prob=accept,
+                                 seed=args.seed, progress=progress)
+    else:
+        reference = bbb.run_hmc(model, data.x_train, data.y_train, num_samples=samples,
+                                warmup_steps=args.warmup, num_chains=chains, target_accept_prob=accept,
+                                x_test=data.x_test, seed=args.seed, progress=progress)
 
     say("[3/3] InferenceData and comparison")
     common = dict(x_test=data.x_test, y_test=data.y_test, seed=args.seed)
@@ -268,7 +281,10 @@ def _settings_lines(settings):
         f"- BBB: {bbb['epochs']} epochs, lr {bbb['lr']}, {bbb['particles']} particles, KL {bbb['kl']}, "
         f"weighting {bbb['kl_weighting']}; {bbb['seconds']} s",
         f"- reference: {ref['sampler']}, {ref.get('num_chains')} chains x ({ref.get('warmup_steps')} warmup + "
-        f"{ref.get('num_samples')} draws), max tree depth {ref.get('max_tree_depth')}; {ref['seconds']} s",
+        f"{ref.get('num_samples')} draws), target acceptance {ref.get('target_accept_prob')}"
+        + (f", max tree depth {ref['max_tree_depth']}" if "max_tree_depth" in ref else "")
+        + (f", at most {ref['max_leapfrog_steps']} leapfrog steps" if "max_leapfrog_steps" in ref else "")
+        + f"; {ref['seconds']} s",
         f"- seed {settings['seed']}; " + ", ".join(f"{k} {v}" for k, v in settings["versions"].items()),
     ]
 

@@ -24,11 +24,13 @@ def _finite_numbers(obj):
 
 
 @pytest.mark.slow
-def test_compare_end_to_end_writes_every_promised_file(tmp_path):
+@pytest.mark.parametrize("reference,sampler", [("hmc", "pyro_bbb ChEES-HMC"), ("nuts", "Pyro NUTS")])
+def test_compare_end_to_end_writes_every_promised_file(tmp_path, reference, sampler):
     out = tmp_path / "report"
-    # As a user runs it: the installed console script in a fresh process.
+    # As a user runs it: the command in a fresh process.
     proc = subprocess.run(
-        [sys.executable, "-m", "pyro_bbb.cli", "compare", *TINY, "--out", str(out)],
+        [sys.executable, "-m", "pyro_bbb.cli", "compare", *TINY, "--reference", reference,
+         "--chains", "8" if reference == "hmc" else "2", "--out", str(out)],
         capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
@@ -39,7 +41,7 @@ def test_compare_end_to_end_writes_every_promised_file(tmp_path):
     assert numbers and all(math.isfinite(v) for v in numbers)
     rows = {(r["section"], r["metric"], r["scope"]) for r in metrics["table"]}
     assert any(metric == "std_ratio_median" for _, metric, _ in rows)
-    assert metrics["settings"]["reference"]["sampler"] == "Pyro NUTS"
+    assert metrics["settings"]["reference"]["sampler"] == sampler
     html = (out / "report.html").read_text()
     assert "<img src='predictive_bands.png'" in html and "<table" in html
     assert not list(tmp_path.glob(".report.partial-*"))  # the temporary folder is gone
