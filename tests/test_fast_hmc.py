@@ -389,6 +389,7 @@ def test_small_bnn_agrees_with_nuts_quick():
 
 
 @pytest.mark.slow
+@pytest.mark.long
 def test_small_bnn_agrees_with_nuts():
     """1-10-1 tanh, 30 points, noise 0.1 (minutes: Pyro NUTS at depth 8)."""
     hmc = _bnn_agreement(
