@@ -241,6 +241,10 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def _fmt_rhat(value: float) -> str:
+    return f"{value:.3f}" if np.isfinite(value) and value < 100 else f"{value:.3g}"
+
+
 def markdown(rows, args, command) -> str:
     ref = next((r for r in rows if r["sampler"] == "NumPyro NUTS"), None)
     lines = [
@@ -275,7 +279,7 @@ def markdown(rows, args, command) -> str:
         lines.append(
             f"| {r['sampler']} | {r['settings']} | {r['wall']:.1f} | {np.min(ess):.0f} | "
             f"{np.median(ess):.0f} | {rate_min:.2f} | {rate_med:.2f} | {ratio} | "
-            f"{r['rhat']:.3g} | {r['divergences']} |"
+            f"{_fmt_rhat(r['rhat'])} | {r['divergences']} |"
         )
     lines += ["", *args.notes]
     return "\n".join(lines) + "\n"

@@ -79,11 +79,13 @@ with warnings.catch_warnings():
 
 __all__ = [
     "ChEESReference",
+    "HMCInfo",
+    "HMCState",
     "Potential",
-    "run_hmc",
     "hmc_init",
     "hmc_step",
     "nested_rhat",
+    "run_hmc",
 ]
 
 #: Energy error above which a transition counts as divergent (Stan's and Pyro's value).
@@ -572,15 +574,16 @@ def adaptation_windows(warmup_steps: int) -> list[int]:
     """Iterations (0-based) after which the mass matrix is updated (Stan's schedule).
 
     15% initial buffer, 10% final buffer, slow windows of 25, 50, 100, ... iterations
-    in between (the last stretched to the final buffer).  Under 20 warmup iterations
-    there is no mass-matrix adaptation.
+    in between (the last stretched to the final buffer).  Under 100 warmup iterations
+    there is no mass-matrix adaptation: the final buffer would leave dual averaging
+    fewer than 10 iterations to settle the step size for the new metric.
 
     >>> adaptation_windows(200)
     [54, 179]
     >>> adaptation_windows(1000)
     [174, 224, 324, 899]
     """
-    if warmup_steps < 20:
+    if warmup_steps < 100:
         return []
     init = int(0.15 * warmup_steps)
     term = int(0.10 * warmup_steps)

@@ -178,8 +178,8 @@ def test_divergent_transitions_are_rejected():
 # ----------------------------------------------------------------------------
 def test_halton_and_windows():
     assert [halton(i) for i in range(1, 8)] == [0.5, 0.25, 0.75, 0.125, 0.625, 0.375, 0.875]
-    assert adaptation_windows(10) == []
-    for w in (20, 75, 200, 1000):
+    assert adaptation_windows(99) == []
+    for w in (100, 150, 200, 1000):
         ends = adaptation_windows(w)
         assert ends == sorted(ends) and ends[0] >= int(0.15 * w) and ends[-1] < w - int(0.1 * w)
 
