@@ -176,12 +176,11 @@ def predict(
     if not hasattr(model, "output"):
         raise ValueError("predict needs a pyro_bbb model (BayesianRegressor / BayesianClassifier)")
     num_samples = _checks.positive_int("num_samples", num_samples)
-    generator = None
     if seed is not None:
         torch.manual_seed(seed)
     ref = next(iter(model.initial_values().values()))
     x = _checks.as_inputs(x, ref.dtype).to(ref.device)
-    draws = posterior_draws(posterior, num_samples, generator)
+    draws = posterior_draws(posterior, num_samples)
     draws = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in draws.items()}
     f = batched_outputs(model, draws, x, chunk_size)
     with torch.no_grad():

@@ -59,28 +59,26 @@ def kl_weights(num_batches: int, scheme: str = "uniform") -> Tensor:
     return torch.exp(log_num - log_den)
 
 
-class _ScaleLatents(Messenger):
-    """Multiply the log density of every latent (unobserved) sample site by ``scale``."""
+class _ScaleSites(Messenger):
+    """Multiply the log density of the latent (``observed=False``) or the observed
+    sample sites by ``scale``."""
 
-    def __init__(self, scale: float):
+    def __init__(self, scale: float, observed: bool):
         super().__init__()
-        self.scale = scale
+        self.scale, self.observed = scale, observed
 
     def _process_message(self, msg):
-        if msg["type"] == "sample" and not msg["is_observed"]:
+        if msg["type"] == "sample" and msg["is_observed"] == self.observed:
             msg["scale"] = self.scale * msg["scale"]
 
 
-class _ScaleObserved(Messenger):
-    """Scale observed sites by N / B, for models that take no ``num_data`` argument."""
+def _scale_latents(scale: float) -> _ScaleSites:
+    return _ScaleSites(scale, observed=False)
 
-    def __init__(self, scale: float):
-        super().__init__()
-        self.scale = scale
 
-    def _process_message(self, msg):
-        if msg["type"] == "sample" and msg["is_observed"]:
-            msg["scale"] = self.scale * msg["scale"]
+def _scale_observed(scale: float) -> _ScaleSites:
+    """For models that take no ``num_data`` argument: the N / B scaling of the likelihood."""
+    return _ScaleSites(scale, observed=True)
 
 
 def _takes_num_data(model) -> bool:
@@ -134,7 +132,7 @@ class BBBLoss(nn.Module):
                 stack.enter_context(
                     pyro.plate("particles", self.num_particles, dim=-1 - self.max_plate_nesting)
                 )
-            stack.enter_context(_ScaleLatents(kl_scale))
+            stack.enter_context(_scale_latents(kl_scale))
             guide_trace = poutine.trace(self.guide).get_trace(*args, **kwargs)
             model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(
                 *args, **kwargs
@@ -490,13 +488,13 @@ class TrainStep:
         # the likelihood is scaled by N / global batch, so averaging the ranks' gradients
         # gives the gradient of the one-process objective, even for unequal shards.
         if not self.takes_num_data:
-            with _ScaleObserved(self.num_data / xb.shape[0] / share):
+            with _scale_observed(self.num_data / xb.shape[0] / share):
                 return fn(xb, yb, **kw)
         if share == 1.0:
             return fn(xb, yb, num_data=self.num_data, **kw)
         if not isinstance(self.loss_fn, BBBLoss):  # the lean losses scale by num_data / batch
             return fn(xb, yb, num_data=self.num_data / share, **kw)
-        with _ScaleObserved(1.0 / share):
+        with _scale_observed(1.0 / share):
             return fn(xb, yb, num_data=self.num_data, **kw)
 
     def __call__(self, xb, yb, kl_scale: float = 1.0, where: str = "this step", share: float = 1.0):
