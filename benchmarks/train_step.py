@@ -96,6 +96,59 @@ def handwritten_bbb_step(net, x, y, num_data, task, prior):
     return step
 
 
+def noise_floor_step(net, x, y, num_data, task):
+    """A floor for weight sampling: the deterministic step plus one ``randn`` per weight,
+    added to the weights (w = mu + 0.01 eps); no sigma parameters, no KL.  Any weight-
+    sampling BBB step does at least this."""
+    net = _copy(net)
+    names = [n for n, _ in net.named_parameters()]
+    mus = {n: p.detach().clone().requires_grad_() for n, p in net.named_parameters()}
+    opt = torch.optim.Adam(list(mus.values()), lr=1e-3, fused=True)
+
+    def step():
+        w = {n: torch.add(mus[n], torch.randn_like(mus[n]), alpha=0.01) for n in names}
+        loss = _nll(torch.func.functional_call(net, w, (x,)), y, task) * (num_data / x.shape[0])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def local_reparam_floor_step(net, x, y, num_data, task):
+    """A floor for local reparameterization: every Linear computes
+    ``x W^T + b + sqrt(x^2 V^T + c) z`` with plain parameters W, b, V, c (V, c kept
+    positive by construction, not by a transform) and fresh z; no sigma map, no KL.
+    These are the estimator's matrix products (twice the deterministic ones, forward
+    and backward); any local-reparameterization step does at least this."""
+    net = _copy(net)
+    layers = [m for m in net if isinstance(m, nn.Linear)]
+    params = []
+    for m in layers:
+        m.var_weight = nn.Parameter(torch.full_like(m.weight, 1e-4))
+        m.var_bias = nn.Parameter(torch.full_like(m.bias, 1e-4))
+        params += [m.weight, m.bias, m.var_weight, m.var_bias]
+    opt = torch.optim.Adam(params, lr=1e-3, fused=True)
+
+    def forward(h):
+        for m in net:
+            if isinstance(m, nn.Linear):
+                mean = F.linear(h, m.weight, m.bias)
+                var = F.linear(h.square(), m.var_weight, m.var_bias)
+                h = torch.addcmul(mean, var.clamp_min(1e-30).sqrt(), torch.randn_like(mean))
+            else:
+                h = m(h)
+        return h
+
+    def step():
+        loss = _nll(forward(x), y, task) * (num_data / x.shape[0])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def pyro_autonormal_step(net, x, y, num_data, task, prior):
     """Pyro's stock route: AutoNormal + Trace_ELBO on the same pyro_bbb model."""
     model = _model(net, prior, task)
@@ -184,6 +237,11 @@ def run(args) -> str:
         "- estimators: `fit` = weight sampling (the paper); `local_reparam` = Kingma et al. 2015 for "
         "the Linear layers (the weights are not drawn: the KL is the closed form, or with kl=mc / the "
         "scale mixture a Monte Carlo KL on an independent weight draw); `flipout` = Wen et al. 2018",
+        "- floors (not BBB, lower bounds on any implementation of it): `deterministic + randn per "
+        "weight` draws one normal per weight and adds it to the weights (no sigma, no KL): what every "
+        "weight-sampling step does at least; `local-reparam matrix products` runs each Linear as "
+        "`x W^T + b + sqrt(x^2 V^T + c) z` with plain parameters (no sigma map, no KL): the estimator's "
+        "matrix products, twice the deterministic ones",
         "",
     ]
     results = {}
@@ -191,6 +249,8 @@ def run(args) -> str:
         title, net, x, y, num_data, task = problem()
         pyro.clear_param_store()  # AutoNormal keeps its parameters there, by name
         steps = {"deterministic": deterministic_step(net, x, y, num_data, task)}
+        steps["floor: deterministic + randn per weight"] = noise_floor_step(net, x, y, num_data, task)
+        steps["floor: local-reparam matrix products"] = local_reparam_floor_step(net, x, y, num_data, task)
         steps["hand-written torch BBB, N(0,1)"] = handwritten_bbb_step(net, x, y, num_data, task, gauss)
         steps["Pyro AutoNormal + Trace_ELBO, N(0,1)"] = pyro_autonormal_step(net, x, y, num_data, task, gauss)
         steps["fit, N(0,1), kl=mc"] = fit_step(net, x, y, num_data, task, gauss, "mc")
