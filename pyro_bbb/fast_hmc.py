@@ -148,10 +148,9 @@ class Potential:
             start = stop
         self.sites = tuple(sites)
         self.dim = start
-        fast = _fast_log_joint(model, x, y, self)
-        #: Whether the direct batched forward pass is used (else ``model.log_joint``).
-        self.fast_path = fast is not None
-        self._log_joint = fast if fast is not None else model.log_joint
+        #: Whether the network runs as a direct batched forward pass (a Sequential MLP;
+        #: see ``BayesianNetwork.evaluate``) rather than through vmap.
+        self.fast_path = x.dim() == 2 and model.network._mlp_layers() is not None
 
     # -- layout ------------------------------------------------------------------------
     def unflatten(self, u: Tensor) -> tuple[dict[str, Tensor], Tensor]:
@@ -182,7 +181,7 @@ class Potential:
     def log_density(self, u: Tensor) -> Tensor:
         """``-U(u)``: the log joint plus the log-Jacobian, shape (C,)."""
         values, logdet = self.unflatten(u)
-        return self._log_joint(values, self.x, self.y) + logdet
+        return self.model.log_joint(values, self.x, self.y) + logdet
 
     def value_and_grad(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """``U(u)`` (C,) and ``dU/du`` (C, D), detached; rows with non-finite ``u`` give
@@ -209,87 +208,6 @@ def _is_identity(transform) -> bool:
     while isinstance(transform, transforms.IndependentTransform):
         transform = transform.base_transform
     return isinstance(transform, transforms.ComposeTransform) and not transform.parts
-
-
-#: Parameter-free modules that act elementwise, hence broadcast over a chain dimension.
-_ELEMENTWISE = (
-    torch.nn.Tanh, torch.nn.ReLU, torch.nn.Sigmoid, torch.nn.SiLU, torch.nn.GELU, torch.nn.ELU,
-    torch.nn.LeakyReLU, torch.nn.Softplus, torch.nn.Identity, torch.nn.Mish, torch.nn.Softsign,
-)
-
-
-def _sequential_layers(model, x):
-    """The layers of a ``Linear`` or an ``nn.Sequential`` of ``Linear`` and elementwise
-    modules whose parameters are all sample sites, as ``(weight, bias | None)`` names or
-    a module; None for any other network."""
-    network = getattr(model, "network", None)
-    net = getattr(network, "net", None)
-    if x.dim() != 2:
-        return None
-    if type(net) is torch.nn.Linear:
-        children = [("", net)]
-    elif type(net) is torch.nn.Sequential:
-        children = [(f"{name}.", module) for name, module in net.named_children()]
-    else:
-        return None
-    layers = []
-    for prefix, module in children:
-        if type(module) is torch.nn.Linear:
-            # Every tensor the layer holds must be a sample site (an excluded,
-            # deterministic parameter would be left out of the direct forward).
-            if any(
-                getattr(module, leaf) is not None and f"{prefix}{leaf}" not in network.site_shapes
-                for leaf in ("weight", "bias")
-            ):
-                return None
-            layers.append((f"{prefix}weight", f"{prefix}bias" if module.bias is not None else None))
-        elif type(module) in _ELEMENTWISE and not list(module.parameters()):
-            layers.append(module)
-        else:
-            return None
-    return layers
-
-
-def _fast_log_joint(model, x, y, potential):
-    """``log_joint`` with a direct batched forward pass for a Sequential MLP, or None.
-
-    ``model.log_joint`` runs the network through ``torch.func.vmap`` and
-    ``functional_call``, which works for any module; for ``Linear`` layers the same
-    output is ``x @ W^T + b`` with a leading chain dimension on ``W`` and ``b``, which
-    skips vmap's batching rules (about 25% of a small BNN's gradient time on CPU).
-    The prior and the likelihood are still the model's own.  The result is checked
-    against ``model.log_joint`` at two points; any difference or error means None.
-    """
-    layers = _sequential_layers(model, x)
-    if layers is None:
-        return None
-
-    def log_joint(values, x, y):
-        h = x
-        for layer in layers:
-            if isinstance(layer, torch.nn.Module):
-                h = layer(h)
-            else:
-                weight, bias = layer
-                h = torch.matmul(h, values[weight].transpose(-1, -2))
-                if bias is not None:
-                    h = h + values[bias].unsqueeze(-2)
-        f = model._output(h)
-        likelihood = model.likelihood(f, model._lift(values, f))
-        return model.log_prior(values) + likelihood.log_prob(y).sum(-1)
-
-    try:
-        gen = torch.Generator(device=x.device).manual_seed(0)
-        u = 0.5 * torch.randn(2, potential.dim, generator=gen, device=x.device, dtype=x.dtype)
-        values, _ = potential.unflatten(u)
-        with torch.no_grad():
-            fast, slow = log_joint(values, x, y), model.log_joint(values, x, y)
-        tol = 1e-4 if x.dtype == torch.float32 else 1e-9
-        if fast.shape != slow.shape or not torch.allclose(fast, slow, rtol=tol, atol=tol):
-            return None
-    except Exception:  # anything unexpected: the general path is always right
-        return None
-    return log_joint
 
 
 def _model_priors(model) -> dict:

@@ -101,6 +101,9 @@ class BayesianNetwork(PyroModule):
         batch_shape = self.batch_shape(weights)
         if not batch_shape:
             return functional_call(self.net, dict(weights), (x,))
+        layers = self._mlp_layers() if x.dim() == 2 else None
+        if layers is not None:
+            return self._mlp_forward(layers, weights, x)
         flat = {
             n: weights[n].expand(batch_shape + s).reshape((-1,) + s)
             for n, s in self.site_shapes.items()
@@ -109,6 +112,30 @@ class BayesianNetwork(PyroModule):
             lambda w: functional_call(self.net, w, (x,)), randomness="different"
         )(flat)
         return out.reshape(batch_shape + out.shape[1:])
+
+    def _mlp_layers(self):
+        """For a ``Linear`` or an ``nn.Sequential`` of ``Linear`` and parameter-free
+        elementwise modules whose parameters are all sample sites: the layers, as
+        ``(weight, bias | None)`` site names or a module.  None for any other network."""
+        if not hasattr(self, "_mlp_cache"):
+            self._mlp_cache = _mlp_layers(self.net, self.site_shapes)
+        return self._mlp_cache
+
+    @staticmethod
+    def _mlp_forward(layers, weights, x):
+        # Batched weights as a leading dimension of plain matrix products: the same
+        # output as vmap over functional_call without vmap's per-call batching rules
+        # (several times faster for small networks on a CPU).
+        h = x
+        for layer in layers:
+            if isinstance(layer, nn.Module):
+                h = layer(h)
+            else:
+                weight, bias = layer
+                h = torch.matmul(h, weights[weight].transpose(-1, -2))
+                if bias is not None:
+                    h = h + weights[bias].unsqueeze(-2)
+        return h
 
     def batch_shape(self, weights: Mapping[str, Tensor]) -> torch.Size:
         """The broadcast leading (sample) shape of a dict of weight values."""
@@ -388,3 +415,33 @@ class _LabelBernoulli(dist.Bernoulli):
 
     def sample(self, sample_shape=torch.Size()):
         return super().sample(sample_shape).long()
+
+
+_ELEMENTWISE = (
+    nn.Tanh, nn.ReLU, nn.Sigmoid, nn.SiLU, nn.GELU, nn.ELU, nn.LeakyReLU, nn.Softplus,
+    nn.Identity, nn.Mish, nn.Softsign,
+)
+
+
+def _mlp_layers(net: nn.Module, site_shapes: Mapping[str, torch.Size]):
+    """See :meth:`BayesianNetwork._mlp_layers`."""
+    if type(net) is nn.Linear:
+        children = [("", net)]
+    elif type(net) is nn.Sequential:
+        children = [(f"{name}.", module) for name, module in net.named_children()]
+    else:
+        return None
+    layers = []
+    for prefix, module in children:
+        if type(module) is nn.Linear:
+            # Every tensor the layer holds must be a sample site (a deterministic,
+            # excluded parameter would be left out of the direct forward).
+            if any(getattr(module, leaf) is not None and f"{prefix}{leaf}" not in site_shapes
+                   for leaf in ("weight", "bias")):
+                return None
+            layers.append((f"{prefix}weight", f"{prefix}bias" if module.bias is not None else None))
+        elif type(module) in _ELEMENTWISE and not list(module.parameters()):
+            layers.append(module)
+        else:
+            return None
+    return layers
