@@ -36,6 +36,7 @@ __all__ = [
     "conjugate_linear_regression",
     "curve",
     "curve_function",
+    "load_mushroom",
     "load_sklearn",
     "load_uci",
     "regression_curve",
@@ -742,3 +743,99 @@ def conjugate_linear_regression(
             if value is not None:
                 setattr(ref, field, value.to(dtype))
     return ref
+
+
+# ----------------------------------------------------------------------------
+# UCI Mushroom (the contextual bandit of Blundell et al. 2015, section 5.3)
+# ----------------------------------------------------------------------------
+
+MUSHROOM_ENV = "PYRO_BBB_MUSHROOM"
+MUSHROOM_ATTRIBUTES = (
+    "cap-shape", "cap-surface", "cap-color", "bruises", "odor", "gill-attachment",
+    "gill-spacing", "gill-size", "gill-color", "stalk-shape", "stalk-root",
+    "stalk-surface-above-ring", "stalk-surface-below-ring", "stalk-color-above-ring",
+    "stalk-color-below-ring", "veil-type", "veil-color", "ring-number", "ring-type",
+    "spore-print-color", "population", "habitat",
+)
+"""The 22 attributes of ``agaricus-lepiota.data`` in file order (column 0 is the class)."""
+
+
+def load_mushroom(
+    path: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    return_feature_names: bool = False,
+):
+    """Load UCI Mushroom (``agaricus-lepiota.data``) as one-hot features and labels.
+
+    Each of the 22 categorical attributes (:data:`MUSHROOM_ATTRIBUTES`) is one-hot
+    encoded over the categories that occur in the file, sorted, with the missing
+    value ``?`` (2,480 rows of ``stalk-root``) as a category of its own; the constant
+    attribute ``veil-type`` is kept as one all-ones column. That gives 117 binary
+    features, attribute by attribute in file order: exactly one 1 per attribute
+    and row.
+
+    Parameters
+    ----------
+    path : str or PathLike, optional
+        The data file (8,124 rows of 23 comma-separated letters, class first, no
+        header).  Default: the environment variable ``PYRO_BBB_MUSHROOM``.
+    dtype : torch.dtype
+        Floating dtype of the features.
+    return_feature_names : bool
+        Also return the 117 names ``"attribute=category"``.
+
+    Returns
+    -------
+    x : Tensor, shape (8124, 117)
+        One-hot features (0.0 / 1.0).
+    edible : Tensor, shape (8124,), int64
+        1 for edible (``e``, 4,208 rows), 0 for poisonous (``p``, 3,916 rows).
+    feature_names : list of str
+        Only with ``return_feature_names=True``.
+
+    Raises
+    ------
+    ValueError
+        No path given and ``PYRO_BBB_MUSHROOM`` unset, or a malformed file.
+    FileNotFoundError
+        The file does not exist.
+
+    Examples
+    --------
+    >>> x, edible = load_mushroom("../shared/data/mushroom/agaricus-lepiota.data")  # doctest: +SKIP
+    >>> x.shape, int(edible.sum())  # doctest: +SKIP
+    (torch.Size([8124, 117]), 4208)
+    """
+    if path is None:
+        path = os.environ.get(MUSHROOM_ENV)
+        if not path:
+            raise ValueError(
+                f"no Mushroom data: pass path=<.../agaricus-lepiota.data> or set the "
+                f"environment variable {MUSHROOM_ENV}"
+            )
+    path = Path(path).expanduser()
+    if path.is_dir():
+        path = path / "agaricus-lepiota.data"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"Mushroom data file {str(path)!r} not found (pass path= or set {MUSHROOM_ENV} "
+            f"to the UCI file agaricus-lepiota.data)"
+        )
+    rows = [line.strip().split(",") for line in path.read_text().splitlines() if line.strip()]
+    width = 1 + len(MUSHROOM_ATTRIBUTES)
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            raise ValueError(f"{str(path)!r} line {i + 1}: {len(row)} columns, expected {width}")
+        if row[0] not in ("e", "p"):
+            raise ValueError(f"{str(path)!r} line {i + 1}: class {row[0]!r}, expected 'e' or 'p'")
+    table = np.array(rows, dtype=object)
+    blocks, names = [], []
+    for j, attribute in enumerate(MUSHROOM_ATTRIBUTES, start=1):
+        column = table[:, j]
+        categories = sorted(set(column))
+        blocks.append(column[:, None] == np.array(categories, dtype=object)[None, :])
+        names += [f"{attribute}={c}" for c in categories]
+    x = _to_tensor(np.concatenate(blocks, axis=1).astype(np.float64), dtype)
+    edible = torch.as_tensor(table[:, 0] == "e", dtype=torch.int64)
+    return (x, edible, names) if return_feature_names else (x, edible)
