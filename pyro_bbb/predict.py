@@ -144,7 +144,7 @@ def predict(
     model,
     posterior,
     x,
-    num_samples: int = 200,
+    num_samples: int | None = None,
     *,
     chunk_size: int | None = None,
     seed: int | None = None,
@@ -157,9 +157,9 @@ def predict(
     posterior : BBBGuide, HMC reference or dict of draws
         Where the weights come from (see :func:`posterior_draws`).
     x : array-like, (n, ...)
-    num_samples : int
-        Draws from a guide (an HMC reference gives all its draws unless this is
-        smaller).
+    num_samples : int, optional
+        Draws from a guide (default 200); an HMC reference gives all its draws
+        by default, or this many, evenly thinned.
     chunk_size : int, optional
         Draws per forward pass (default: 2^14 rows of draws x inputs).
     seed : int, optional
@@ -179,7 +179,8 @@ def predict(
     """
     if not hasattr(model, "output"):
         raise ValueError("predict needs a pyro_bbb model (BayesianRegressor / BayesianClassifier)")
-    num_samples = _checks.positive_int("num_samples", num_samples)
+    if num_samples is not None:
+        num_samples = _checks.positive_int("num_samples", num_samples)
     if seed is not None:
         torch.manual_seed(seed)
     ref = next(iter(model.initial_values().values()))

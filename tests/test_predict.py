@@ -89,3 +89,14 @@ def test_predict_accepts_a_dict_of_draws_and_matches_manual_forward():
         for i in range(6)
     ])
     torch.testing.assert_close(pred.f, manual)
+
+
+def test_default_draw_counts():
+    # A guide gives 200 draws by default; a dict of draws (or an HMC reference) all of its own.
+    model = BayesianRegressor(nn.Linear(1, 1), prior=N01, noise=0.1)
+    x = torch.linspace(-1, 1, 5)
+    guide = _ready(model, x[:, None])
+    assert bbb.predict(model, guide, x).f.shape == (200, 5)
+    draws = {n: torch.randn(300, *s) for n, s in model.network.site_shapes.items()}
+    assert bbb.predict(model, draws, x).f.shape == (300, 5)
+    assert bbb.predict(model, draws, x, num_samples=30).f.shape == (30, 5)
