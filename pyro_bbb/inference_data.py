@@ -366,13 +366,17 @@ def to_inference_data(
             for dim, size in zip(dims[name], value.shape[lead:]):
                 coords.setdefault(dim, np.arange(size))
         used = {d for name in data for d in dims[name]} | set(default_dims or ("chain", "draw"))
-        return az.dict_to_dataset(
-            data,
-            attrs={**attrs, **(extra_attrs or {})},
-            coords={k: v for k, v in coords.items() if k in used},
-            dims=dims,
-            default_dims=default_dims,
-        )
+        with warnings.catch_warnings():
+            # "More chains than draws" is ArviZ's guess at a transposed array; the
+            # dims here are explicit, and run_hmc's many short chains are deliberate.
+            warnings.filterwarnings("ignore", message="More chains")
+            return az.dict_to_dataset(
+                data,
+                attrs={**attrs, **(extra_attrs or {})},
+                coords={k: v for k, v in coords.items() if k in used},
+                dims=dims,
+                default_dims=default_dims,
+            )
 
     y_np = _numpy(y)
     y_dims = ["obs"] + _output_dims(y_np.shape, 1, "output")
