@@ -116,14 +116,24 @@ def _evaluate(model, draws, x, y, chunk_size, classifier):
     num_draws = next(iter(draws.values())).shape[0]
     if chunk_size is None:
         chunk_size = max(1, DEFAULT_CHUNK_ROWS // max(1, x.shape[0]))
-    out = {"f": [], "y": [], "prob": [], "log_lik": []}
+    out: dict[str, np.ndarray] = {}
+
+    def put(key, value, start):
+        # One host array per quantity, filled chunk by chunk (no list of chunks to
+        # concatenate: that doubles the peak and fragments the heap).
+        value = _numpy(value)
+        if key not in out:
+            out[key] = np.empty((num_draws,) + value.shape[1:], dtype=value.dtype)
+        out[key][start : start + value.shape[0]] = value
+
     with torch.no_grad():
         for i in range(0, num_draws, chunk_size):
             chunk = {k: v[i : i + chunk_size] for k, v in draws.items()}
             f = batched_outputs(model, chunk, x, chunk_size)
-            out["y"].append(_numpy(model.sample_y(chunk, f)))
+            likelihood = model.likelihood(f, model._lift(chunk, f))
+            put("y", likelihood.sample(), i)
             if y is not None:
-                out["log_lik"].append(_numpy(model.log_likelihood(chunk, x, y)))
+                put("log_lik", likelihood.log_prob(y), i)
             if classifier:
                 if f.dim() == 2 or f.shape[-1] == 1:  # one logit: Bernoulli
                     f = f.reshape(f.shape[:2])
@@ -131,9 +141,9 @@ def _evaluate(model, draws, x, y, chunk_size, classifier):
                     prob = torch.stack([1 - p1, p1], -1)
                 else:
                     prob = torch.softmax(f, -1)
-                out["prob"].append(_numpy(prob))
-            out["f"].append(_numpy(f))
-    return {k: np.concatenate(v) for k, v in out.items() if v}
+                put("prob", prob, i)
+            put("f", f, i)
+    return out
 
 
 def _log_joint(model, draws, x, y, chunk_size) -> np.ndarray:
