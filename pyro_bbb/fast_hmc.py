@@ -40,7 +40,7 @@ The pieces are small functions in the style of BlackJAX: a kernel (:func:`hmc_in
   trajectory of 10 steps.
 * **mass matrix**: diagonal ``M^-1`` = the variance of the draws across all chains
   and iterations of a window (see :func:`welford_inverse_mass`), in Stan's doubling
-  windows (15% initial buffer, 10% final buffer).  After each window the step size
+  windows (75 initial and 50 final iterations, fewer in short warmups).  After each window the step size
   is re-initialised by the doubling/halving heuristic and dual averaging restarts;
   ``T`` restarts at 1 after the first window (unit marginal scales in the new
   metric) and carries over after later ones (see :func:`warmup_end_window`).
@@ -491,20 +491,26 @@ def welford_inverse_mass(state: WelfordState) -> Tensor:
 def adaptation_windows(warmup_steps: int) -> list[int]:
     """Iterations (0-based) after which the mass matrix is updated (Stan's schedule).
 
-    15% initial buffer, 10% final buffer, slow windows of 25, 50, 100, ... iterations
-    in between (the last stretched to the final buffer).  Under 100 warmup iterations
-    there is no mass-matrix adaptation: the final buffer would leave dual averaging
-    fewer than 10 iterations to settle the step size for the new metric.
+    An initial buffer of 75 iterations and a final buffer of 50 (the step size's last
+    dual averaging in the final metric), slow windows of 25, 50, 100, ... iterations
+    in between (the last stretched to the final buffer); under 150 warmup iterations,
+    where those do not fit, 15% / 10% buffers as Stan does.  Under 100 warmup
+    iterations there is no mass-matrix adaptation: the final buffer would leave dual
+    averaging fewer than 10 iterations to settle the step size for the new metric.
 
+    >>> adaptation_windows(120)
+    [42, 107]
     >>> adaptation_windows(200)
-    [54, 179]
+    [99, 149]
     >>> adaptation_windows(1000)
-    [174, 224, 324, 899]
+    [99, 149, 249, 449, 949]
     """
     if warmup_steps < 100:
         return []
-    init = int(0.15 * warmup_steps)
-    term = int(0.10 * warmup_steps)
+    if warmup_steps >= 75 + 25 + 50:
+        init, term = 75, 50
+    else:
+        init, term = int(0.15 * warmup_steps), int(0.10 * warmup_steps)
     slow = warmup_steps - init - term
     ends, start, size = [], init, 25
     while True:

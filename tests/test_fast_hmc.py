@@ -179,9 +179,13 @@ def test_divergent_transitions_are_rejected():
 def test_halton_and_windows():
     assert [halton(i) for i in range(1, 8)] == [0.5, 0.25, 0.75, 0.125, 0.625, 0.375, 0.875]
     assert adaptation_windows(99) == []
-    for w in (100, 150, 200, 1000):
+    # Stan's default schedule for 1000 warmup iterations (init_buffer 75, window 25,
+    # term_buffer 50): metric updates after iterations 100, 150, 250, 450, 950 (1-based).
+    assert adaptation_windows(1000) == [99, 149, 249, 449, 949]
+    assert adaptation_windows(200) == [99, 149]  # the final 50 iterations tune the step size
+    for w in (100, 120, 149):  # too short for 75 + 25 + 50: 15% / 10% buffers
         ends = adaptation_windows(w)
-        assert ends == sorted(ends) and ends[0] >= int(0.15 * w) and ends[-1] < w - int(0.1 * w)
+        assert ends == sorted(ends) and ends[0] >= int(0.15 * w) and ends[-1] == w - int(0.1 * w) - 1
 
 
 def test_chees_statistics_on_exact_gaussian_dynamics():
