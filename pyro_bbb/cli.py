@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "compare",
         help="fit BBB and an HMC reference on one model; write a report",
-        description="Fit Bayes by Backprop and Pyro's NUTS on the same model and priors, "
-        "then compare them in function space (and weight space where identifiable).",
+        description="Fit Bayes by Backprop and an HMC reference (ChEES-HMC, or Pyro's NUTS) on the "
+        "same model and priors, then compare them in function space (and weight space where identifiable).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     d = c.add_argument_group("data")
