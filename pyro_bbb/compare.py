@@ -624,7 +624,7 @@ def _convergence_rows(hmc, report_warnings):
     ]
     problems = []
     if not (max_rhat <= RHAT_MAX):
-        problems.append(f"max R-hat {max_rhat:.3f} > {RHAT_MAX}")
+        problems.append(f"max R-hat {max_rhat:.4f} > {RHAT_MAX}")
     if not (min_bulk >= ESS_MIN):
         problems.append(f"min bulk ESS {min_bulk:.0f} < {ESS_MIN}")
     if divergences:
