@@ -103,6 +103,7 @@ class _Site(NamedTuple):
     stop: int
     transform: torch.distributions.Transform
     identity: bool  # real support: no transform, no Jacobian
+    support: torch.distributions.constraints.Constraint
 
 
 class Potential:
@@ -144,7 +145,8 @@ class Potential:
             transform = biject_to(prior.support)
             ushape = torch.Size(transform.inverse_shape(shape))
             stop = start + ushape.numel()
-            sites.append(_Site(name, shape, ushape, start, stop, transform, _is_identity(transform)))
+            sites.append(_Site(name, shape, ushape, start, stop, transform, _is_identity(transform),
+                               prior.support))
             start = stop
         self.sites = tuple(sites)
         self.dim = start
@@ -183,21 +185,37 @@ class Potential:
         values, logdet = self.unflatten(u)
         return self.model.log_joint(values, self.x, self.y) + logdet
 
+    def _in_support(self, u: Tensor) -> Tensor:
+        """Rows of finite ``u`` whose constrained values are finite and in their support:
+        a finite u can still overflow (exp(u) = inf for a positive site far out in a
+        divergent trajectory), which the priors' validation would refuse."""
+        ok = torch.ones(u.shape[:-1], dtype=torch.bool, device=u.device)
+        with torch.no_grad():
+            values, _ = self.unflatten(u)
+            for site in self.sites:
+                if site.identity or site.support.event_dim != 0:
+                    continue
+                v = values[site.name].reshape(u.shape[:-1] + (-1,))
+                ok &= (torch.isfinite(v) & site.support.check(v)).all(-1)
+        return ok
+
     def value_and_grad(self, u: Tensor) -> tuple[Tensor, Tensor]:
-        """``U(u)`` (C,) and ``dU/du`` (C, D), detached; rows with non-finite ``u`` give
+        """``U(u)`` (C,) and ``dU/du`` (C, D), detached; rows with non-finite ``u``, with
+        values outside their support, or whose potential or gradient is not finite give
         ``U = inf`` and a zero gradient (such a chain is divergent and will be rejected)."""
-        finite = torch.isfinite(u).all(-1)
-        all_finite = bool(finite.all())
-        if not all_finite:
-            u = torch.where(finite[..., None], u, torch.zeros_like(u))
+        good = torch.isfinite(u).all(-1)
+        u = torch.where(good[..., None], u, torch.zeros_like(u))
+        good &= self._in_support(u)
+        u = torch.where(good[..., None], u, torch.zeros_like(u))
         with torch.enable_grad():
             u = u.detach().requires_grad_(True)
             potential = -self.log_density(u)
             (grad,) = torch.autograd.grad(potential.sum(), u)
         potential = potential.detach()
-        if not all_finite:
-            potential = torch.where(finite, potential, torch.full_like(potential, math.inf))
-            grad = torch.where(finite[..., None], grad, torch.zeros_like(grad))
+        ok = good & torch.isfinite(potential) & torch.isfinite(grad).all(-1)
+        if not bool(ok.all()):
+            potential = torch.where(ok, potential, torch.full_like(potential, math.inf))
+            grad = torch.where(ok[..., None], grad, torch.zeros_like(grad))
         return potential, grad
 
 

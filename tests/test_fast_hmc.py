@@ -133,6 +133,21 @@ def test_non_finite_positions_are_divergent_not_errors(curve_data):
     assert torch.all(grad[1:] == 0) and torch.all(torch.isfinite(grad))
 
 
+def test_overflowing_positive_site_is_divergent_not_an_error(curve_data):
+    # A finite log-noise far out (a divergent trajectory) overflows exp in float32: the
+    # LogNormal prior would refuse the value inf; the row must be rejected instead.
+    x, y = curve_data
+    model = bbb.BayesianRegressor(tanh_net(4, torch.float32), prior=dist.Normal(0.0, 1.0), noise="learned")
+    pot = Potential(model, x.float(), y.float())
+    u = torch.zeros(3, pot.dim)
+    u[1, -1] = 200.0   # exp(200) = inf in float32
+    u[2, -1] = -200.0  # exp(-200) = 0
+    with pyro.validation_enabled(True):
+        value, grad = pot.value_and_grad(u)
+    assert math.isfinite(float(value[0])) and torch.all(torch.isinf(value[1:]))
+    assert torch.all(grad[1:] == 0) and torch.all(torch.isfinite(grad))
+
+
 # ----------------------------------------------------------------------------
 # 2. The kernel leaves a Gaussian invariant (exact draws in, exact draws out)
 # ----------------------------------------------------------------------------
