@@ -207,6 +207,20 @@ def versions() -> dict[str, str]:
     return out
 
 
+def report_footer(interpretation: str, versions_used: dict | None = None) -> list[str]:
+    """The closing sections every study report ends with: versions, then what it shows."""
+    return [
+        "## Versions",
+        "",
+        "\n".join(f"- {k}: {v}" for k, v in (versions_used or versions()).items()),
+        "",
+        "## What it shows",
+        "",
+        interpretation,
+        "",
+    ]
+
+
 def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
@@ -336,14 +350,7 @@ def write_report(path, results, descriptions, skipped, seconds, cfg, mode, total
         f"- Seeds {list(cfg['seeds'])} (network init, minibatch order, weight noise); the data split is "
         f"fixed (random_state={SPLIT_SEED}). Standard error = sample std (ddof 1) / sqrt(seeds).",
         "",
-        "## Versions",
-        "",
-        "\n".join(f"- {k}: {v}" for k, v in versions().items()),
-        "",
-        "## What it shows",
-        "",
-        interpretation(results, mode),
-        "",
+        *report_footer(interpretation(results, mode)),
     ]
     path.write_text("\n".join(parts))
 

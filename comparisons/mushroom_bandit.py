@@ -428,14 +428,7 @@ def write_report(path, r, mode, total, data_file):
         "",
         "![cumulative regret against step; lines: mean over seeds, bands: min to max](mushroom_bandit.png)",
         "",
-        "## Versions",
-        "",
-        "\n".join(f"- {k}: {v}" for k, v in cls.versions().items()),
-        "",
-        "## What it shows",
-        "",
-        interpretation(r, mode),
-        "",
+        *cls.report_footer(interpretation(r, mode)),
     ]
     path.write_text("\n".join(parts))
 

@@ -252,14 +252,7 @@ def write_report(path, r, desc, cfg, mode, total):
         "",
         site_table(r),
         "",
-        "## Versions",
-        "",
-        "\n".join(f"- {k}: {v}" for k, v in cls.versions().items()),
-        "",
-        "## What it shows",
-        "",
-        interpretation(r, mode),
-        "",
+        *cls.report_footer(interpretation(r, mode)),
     ]
     path.write_text("\n".join(parts))
 

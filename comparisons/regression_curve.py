@@ -500,14 +500,7 @@ def write_report(path, r, cfg, mode):
         "the predictive mean of f (plain: its prediction) against the noisy training targets, whose "
         "own noise (std of y - curve(x)) is about 0.058 for this draw, as eps also enters the sines.",
         "",
-        "## Versions",
-        "",
-        "\n".join(f"- {k}: {v}" for k, v in r["versions"].items()),
-        "",
-        "## What it shows",
-        "",
-        interpretation(r, mode),
-        "",
+        *cls.report_footer(interpretation(r, mode), r["versions"]),
     ]
     path.write_text("\n".join(parts))
 

@@ -730,15 +730,8 @@ def write_report(path, summary, targets, cache, cfg, mode, total, hmc_splits, ro
         "`uci_tuning.md`. Nothing was chosen on test data, and nothing per data set or per split.",
         f"- Seeds: split k uses seed k (network init, weight noise, predictive draws, HMC's chains).",
         "",
-        "## Versions",
-        "",
-        "\n".join(f"- {k}: {v}" for k, v in cls.versions().items()),
-        "",
-        "## What it shows",
-        "",
-        interpretation(summary, targets, cache, list(summary), hmc_splits, mode, h["num_chains"],
-                       reference_epochs(root, summary)),
-        "",
+        *cls.report_footer(interpretation(summary, targets, cache, list(summary), hmc_splits, mode, h["num_chains"],
+                       reference_epochs(root, summary))),
     ]
     path.write_text("\n".join(parts))
 
