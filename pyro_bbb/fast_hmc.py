@@ -149,6 +149,8 @@ class Potential:
                                prior.support))
             start = stop
         self.sites = tuple(sites)
+        # Constrained sites whose values can leave their support numerically (exp overflow).
+        self._checked_sites = tuple(t for t in sites if not t.identity and t.support.event_dim == 0)
         self.dim = start
         #: Whether the network runs as a direct batched forward pass (a Sequential MLP;
         #: see ``BayesianNetwork.evaluate``) rather than through vmap.
@@ -191,11 +193,8 @@ class Potential:
         divergent trajectory), which the priors' validation would refuse."""
         ok = torch.ones(u.shape[:-1], dtype=torch.bool, device=u.device)
         with torch.no_grad():
-            values, _ = self.unflatten(u)
-            for site in self.sites:
-                if site.identity or site.support.event_dim != 0:
-                    continue
-                v = values[site.name].reshape(u.shape[:-1] + (-1,))
+            for site in self._checked_sites:  # elementwise transforms: the flat slice will do
+                v = site.transform(u[..., site.start : site.stop])
                 ok &= (torch.isfinite(v) & site.support.check(v)).all(-1)
         return ok
 
