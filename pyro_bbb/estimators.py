@@ -74,6 +74,7 @@ already vectorized; so it is not offered.)
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -209,88 +210,175 @@ def _site_terms_autograd(mu, rho, eps, prior, spec, mode: str, want: str, p: int
     return sigma.square(), kl
 
 
+@dataclass(frozen=True)
+class _Term:
+    """What one parameter tensor asks of :class:`_SiteTerms` (see the comment above)."""
+
+    spec: _NormalSpec | _MixtureSpec  # scalar parameters
+    mode: str
+    want: str
+
+
 class _SiteTerms(torch.autograd.Function):
-    """:func:`_site_terms_autograd` for scalar Gaussian / scale-mixture priors, with the
-    backward written out: d/dmu and d/drho in a few fused passes over the weights, no
-    autograd graph over weight-sized intermediates.  Same value and gradient up to float
-    rounding (tests/test_estimators.py compares them), except that where sigma is clamped
-    to the smallest normal float (rho < -87 in float32) the log sigma term keeps its
-    derivative (finite) instead of autograd's zero."""
+    """:func:`_site_terms_autograd` for all parameter tensors of a step with scalar
+    Gaussian / scale-mixture priors, with the backward written out: d/dmu and d/drho in a
+    few fused passes over the weights, no autograd graph over weight-sized intermediates,
+    one autograd node per step.  Same value and gradient up to float rounding
+    (tests/test_estimators.py compares them), except that where sigma is clamped to the
+    smallest normal float (rho < -87 in float32) the log sigma term keeps its derivative
+    (finite) instead of autograd's zero.
+
+    ``_SiteTerms.apply(terms, p, compiled, mu_1, rho_1, eps_1, mu_2, ...)`` returns the
+    outputs of the terms in order, then the KL summed over them.  ``compiled``: run the
+    forward and backward passes as ``torch.compile``'d kernels (each elementwise chain
+    one loop over the weights, instead of one ATen call per operation)."""
 
     @staticmethod
-    def forward(ctx, mu, rho, eps, spec, mode, want, p):
+    def forward(ctx, terms, p, compiled, *tensors):
         ctx.set_materialize_grads(False)
-        sigma = F.softplus(rho).clamp_min_(torch.finfo(rho.dtype).tiny)
-        sum_log_sigma = torch.log(sigma).sum()
+        run = _compiled(_terms_forward) if compiled else _terms_forward
+        *outs, kl, saved = run(terms, p, tensors, compiled)
+        ctx.terms, ctx.p, ctx.compiled = terms, p, compiled
+        ctx.save_for_backward(*saved)
+        return (*outs, kl)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        run = _compiled(_terms_backward) if ctx.compiled else _terms_backward
+        return (None, None, None, *run(ctx.terms, ctx.p, grads[:-1], grads[-1], ctx.saved_tensors, ctx.compiled))
+
+
+def _terms_forward(terms, p, tensors, compiled):
+    """The outputs of the terms, their KL, and what the backward needs."""
+    outs, saved, sums, coefs, const = [], [], [], [], 0.0
+    sq_sum = (lambda t: t.square().sum()) if compiled else _sq_sum
+    for k, term in enumerate(terms):
+        mu, rho, eps = tensors[3 * k: 3 * k + 3]
+        spec, mode, want = term.spec, term.mode, term.want
+        if compiled:  # one exp for sigma and its derivative sigmoid(rho), saved for the backward
+            sigma, dsigma = _softplus_and_sigmoid(rho)
+            sigma = sigma.clamp_min(torch.finfo(rho.dtype).tiny)
+        else:  # separate ATen calls cost the same: the backward computes sigmoid(rho)
+            sigma, dsigma = F.softplus(rho).clamp_min_(torch.finfo(rho.dtype).tiny), None
         w = None if eps is None else torch.addcmul(mu, sigma, eps)
         out = w if want == "w" else sigma * eps if want == "delta" else sigma.square()
+        sums.append(torch.log(sigma).sum() if compiled else _sum_log(sigma))
         d = None
+        # KL = const + sum_i coef_i * sums_i, the constants as Python floats.
         if mode == "analytic":
             m, s = spec.loc, spec.scale
             n = mu.numel()
-            sum_sq_sigma = out.sum() if want == "var" else _sq_sum(sigma)
-            kl = p * (
-                n * math.log(s) - 0.5 * n - sum_log_sigma
-                + (sum_sq_sigma + _sq_sum(mu if m == 0.0 else mu - m)) / (2 * s * s)
-            )
+            sums += [out.sum() if want == "var" else sq_sum(sigma), sq_sum(mu if m == 0.0 else mu - m)]
+            coefs += [-p, p / (2 * s * s), p / (2 * s * s)]
+            const += p * n * (math.log(s) - 0.5)
         else:
-            kl = -p * sum_log_sigma - 0.5 * _sq_sum(eps)
+            sums.append(sq_sum(eps))
+            coefs += [-p, -0.5]
             if isinstance(spec, _NormalSpec):
                 m, s = spec.loc, spec.scale
-                kl = kl + w.numel() * math.log(s) + _sq_sum(w if m == 0.0 else w - m) / (2 * s * s)
+                sums.append(sq_sum(w if m == 0.0 else w - m))
+                coefs.append(1 / (2 * s * s))
+                const += w.numel() * math.log(s)
             else:
                 a = w.square()
                 d = torch.mul(a, -spec.k).add_(spec.c)
-                kl = kl - spec.base * w.numel() + spec.inv_2var * a.sum() - F.softplus(d).sum()
-        ctx.spec, ctx.mode, ctx.want, ctx.p = spec, mode, want, p
-        ctx.lead = tuple(range(eps.dim() - mu.dim())) if eps is not None else ()
-        ctx.save_for_backward(mu, rho, eps, w, sigma, d)
-        return out, kl
+                if compiled:  # the backward needs sigmoid(d), not d
+                    softplus_d, d = _softplus_and_sigmoid(d)
+                else:
+                    softplus_d = F.softplus(d)
+                sums += [a.sum(), softplus_d.sum()]
+                coefs += [spec.inv_2var, -1.0]
+                const -= spec.base * w.numel()
+        outs.append(out)
+        saved += [mu, rho if dsigma is None else dsigma, eps, w, sigma, d]
+    if compiled:  # one fused reduction
+        kl = sum(c * t for c, t in zip(coefs, sums)) + const
+    else:  # two small ops instead of two per sum
+        ref = tensors[0]
+        kl = torch.dot(torch.stack(sums), _constant(tuple(coefs), ref.dtype, ref.device)).add_(const)
+    return (*outs, kl, saved)
 
-    @staticmethod
-    def backward(ctx, g_out, g_kl):
-        mu, rho, eps, w, sigma, d = ctx.saved_tensors
-        spec, mode, want, p, lead = ctx.spec, ctx.mode, ctx.want, ctx.p, ctx.lead
 
-        def lead_sum(t):
-            return t.sum(lead) if lead else t
+def _terms_backward(terms, p, g_outs, g_kl, saved, compiled):
+    """(d/dmu, d/drho, None) per term, given the gradients of the outputs and of the KL."""
+    memo = {}
 
-        # G = dL/dw at the draw w = mu + sigma * eps, through the output (want "w") and the
-        # Monte Carlo KL's -log p(w).  (log q(w) = -sum log sigma - eps^2 / 2 + const does
-        # not depend on w at fixed eps: it gives the -p / sigma term below.)
-        G = g_out if want == "w" else None
-        if g_kl is not None and mode == "mc":
-            if isinstance(spec, _NormalSpec):  # d(-log p)/dw = (w - m) / s^2
-                coef = g_kl / (spec.scale * spec.scale)
-                h = torch.mul(w, coef) if G is None else torch.addcmul(G, w, coef)
-                if spec.loc != 0.0:
-                    h = h.sub_(coef * spec.loc)
-            else:  # d(-log p)/dw = w (2 inv_2var + 2 k sigmoid(c - k w^2))
-                coef = torch.addcmul(2 * spec.inv_2var * g_kl, torch.sigmoid(d), 2 * spec.k * g_kl)
-                h = coef.mul_(w) if G is None else torch.addcmul(G, w, coef)
-            G = h
-        # a = dL/dsigma: sum over particles of (the factor of eps) * eps, plus direct terms.
-        E = G
-        if want == "delta" and g_out is not None:
-            E = g_out if E is None else E + g_out
-        a = None if E is None else lead_sum(E * eps)
-        grad_mu = None if G is None else lead_sum(G)  # may be g_out itself: never written to
-        c = None  # coefficient of sigma in a, from the closed-form KL's sigma^2 / (2 s^2)
-        if g_kl is not None and mode == "analytic":
-            m, s = spec.loc, spec.scale
-            c = g_kl * (p / (s * s))
-            gm = torch.mul(mu if m == 0.0 else mu - m, c)
-            grad_mu = gm if grad_mu is None else gm.add_(grad_mu)
-        if want == "var" and g_out is not None:  # d(sigma^2)/dsigma = 2 sigma
-            t = (g_out * 2 if c is None else torch.add(c, g_out, alpha=2)).mul_(sigma)
-            a = t if a is None else a.add_(t)
-        elif c is not None:
-            a = torch.mul(sigma, c) if a is None else a.addcmul_(sigma, c)
-        if g_kl is not None:  # d(-p sum log sigma)/dsigma = -p / sigma
-            neg = g_kl * -p
-            a = torch.reciprocal(sigma).mul_(neg) if a is None else a.addcdiv_(neg, sigma)
-        grad_rho = None if a is None else a.mul_(torch.sigmoid(rho))
-        return grad_mu, grad_rho, None, None, None, None, None
+    def g_kl_times(factor):  # made once per factor: the terms share most
+        if factor not in memo:
+            memo[factor] = g_kl * factor
+        return memo[factor]
+
+    grads = []
+    for k, term in enumerate(terms):
+        mu, rho_or_dsigma, eps, w, sigma, d = saved[6 * k: 6 * k + 6]
+        if not compiled:  # the forward saved rho and d, not their sigmoids
+            rho_or_dsigma = torch.sigmoid(rho_or_dsigma)
+            d = None if d is None else torch.sigmoid(d)
+        grads += [*_site_backward(term, p, g_outs[k], g_kl, g_kl_times, mu, rho_or_dsigma, eps, w, sigma, d), None]
+    return grads
+
+
+def _softplus_and_sigmoid(x):
+    """softplus(x) (torch's, linear above 20) and its derivative sigmoid(x) from one exp:
+    for the compiled kernels, where the exp, not the memory traffic, is the cost."""
+    e = torch.exp(x)
+    linear = x > 20.0
+    return torch.where(linear, x, torch.log1p(e)), torch.where(linear, 1.0, e / (1.0 + e))
+
+
+@functools.cache
+def _compiled(fn):
+    """``fn`` compiled by ``torch.compile`` (once per process; each new set of terms,
+    shapes or dtypes compiles again, a few seconds)."""
+    return torch.compile(fn, dynamic=False, fullgraph=True)
+
+
+def _site_backward(term, p, g_out, g_kl, g_kl_times, mu, dsigma, eps, w, sigma, sigmoid_d):
+    """(d/dmu, d/drho) of one term, given the gradients of its output and of the KL,
+    ``g_kl_times(f)`` = the KL's gradient times f, ``dsigma`` = sigmoid(rho) and, for the
+    mixture prior's Monte Carlo KL, ``sigmoid_d`` = sigmoid(c - k w^2)."""
+    spec, mode, want = term.spec, term.mode, term.want
+    lead = tuple(range(eps.dim() - mu.dim())) if eps is not None else ()
+
+    def lead_sum(t):
+        return t.sum(lead) if lead else t
+
+    # G = dL/dw at the draw w = mu + sigma * eps, through the output (want "w") and the
+    # Monte Carlo KL's -log p(w).  (log q(w) = -sum log sigma - eps^2 / 2 + const does
+    # not depend on w at fixed eps: it gives the -p / sigma term below.)
+    G = g_out if want == "w" else None
+    if g_kl is not None and mode == "mc":
+        if isinstance(spec, _NormalSpec):  # d(-log p)/dw = (w - m) / s^2
+            coef = g_kl_times(1 / (spec.scale * spec.scale))
+            h = torch.mul(w, coef) if G is None else torch.addcmul(G, w, coef)
+            if spec.loc != 0.0:
+                h = h.sub_(g_kl_times(spec.loc / (spec.scale * spec.scale)))
+        else:  # d(-log p)/dw = w (2 inv_2var + 2 k sigmoid(c - k w^2))
+            coef = torch.addcmul(g_kl_times(2 * spec.inv_2var), sigmoid_d, g_kl_times(2 * spec.k))
+            h = coef.mul_(w) if G is None else torch.addcmul(G, w, coef)
+        G = h
+    # a = dL/dsigma: sum over particles of (the factor of eps) * eps, plus direct terms.
+    E = G
+    if want == "delta" and g_out is not None:
+        E = g_out if E is None else E + g_out
+    a = None if E is None else lead_sum(E * eps)
+    grad_mu = None if G is None else lead_sum(G)  # may be g_out itself: never written to
+    c = None  # coefficient of sigma in a, from the closed-form KL's sigma^2 / (2 s^2)
+    if g_kl is not None and mode == "analytic":
+        m, s = spec.loc, spec.scale
+        c = g_kl_times(p / (s * s))
+        gm = torch.mul(mu if m == 0.0 else mu - m, c)
+        grad_mu = gm if grad_mu is None else gm.add_(grad_mu)
+    if want == "var" and g_out is not None:  # d(sigma^2)/dsigma = 2 sigma
+        t = (g_out * 2 if c is None else torch.add(c, g_out, alpha=2)).mul_(sigma)
+        a = t if a is None else a.add_(t)
+    elif c is not None:
+        a = torch.mul(sigma, c) if a is None else a.addcmul_(sigma, c)
+    if g_kl is not None:  # d(-p sum log sigma)/dsigma = -p / sigma
+        neg = g_kl_times(-p)
+        a = torch.reciprocal(sigma).mul_(neg) if a is None else a.addcdiv_(neg, sigma)
+    grad_rho = None if a is None else a.mul_(dsigma)
+    return grad_mu, grad_rho
 
 
 def _sq_sum(t: Tensor) -> Tensor:
@@ -301,13 +389,31 @@ def _sq_sum(t: Tensor) -> Tensor:
     return t.square().sum()
 
 
-def site_terms(mu, rho, eps, prior, spec, mode: str, want: str, p: int):
-    """(out, kl) of one parameter tensor; see the comment above :func:`_site_terms_autograd`."""
-    if mode == "analytic" and not isinstance(spec, _NormalSpec):
-        raise ValueError("the closed-form KL needs a Gaussian prior")
-    if isinstance(spec, _MixtureSpec) or (isinstance(spec, _NormalSpec) and spec.scalar):
-        return _SiteTerms.apply(mu, rho, eps, spec, mode, want, p)
-    return _site_terms_autograd(mu, rho, eps, prior, spec, mode, want, p)
+def _sum_log(sigma: Tensor) -> Tensor:
+    """sum(log sigma).  On a CPU, where the log is the costliest pass over the weights
+    after ``randn`` and softplus, and all of sigma lies in [1e-18, 1e18], as the logs of
+    products of pairs: half the logs, and each product a normal float (no under- or
+    overflow), so the sum is as accurate as the plain one's float rounding."""
+    flat = sigma.reshape(-1)
+    half = flat.numel() // 2
+    if sigma.device.type != "cpu" or half < 512:
+        return torch.log(sigma).sum()
+    lo, hi = torch.aminmax(flat)
+    if not (lo.item() >= 1e-18 and hi.item() <= 1e18):
+        return torch.log(sigma).sum()
+    total = torch.log(flat[:half] * flat[half: 2 * half]).sum()
+    return total if 2 * half == flat.numel() else total + torch.log(flat[-1])
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, dtype, device) -> Tensor:
+    """A small constant tensor, made once (the KL's coefficients: no copy to a GPU per step)."""
+    return torch.tensor(values, dtype=dtype, device=device)
+
+
+def _fusable(spec) -> bool:
+    """Whether :class:`_SiteTerms` handles a prior (scalar Gaussian or scale mixture)."""
+    return isinstance(spec, _MixtureSpec) or (isinstance(spec, _NormalSpec) and spec.scalar)
 
 
 # -- the losses ----------------------------------------------------------------------------------
@@ -324,6 +430,10 @@ class _Site:
         return isinstance(self.spec, _NormalSpec)
 
 
+def _placement(sites: list[_Site]) -> tuple:
+    return (sites[0].loc.device, sites[0].loc.dtype) if sites else ()
+
+
 class _LeanLoss(nn.Module):
     """What the three estimators share: the guide's sites, the extra (non-weight)
     latents, the likelihood with the data plate's N / B scaling, ``last_terms`` and
@@ -331,7 +441,7 @@ class _LeanLoss(nn.Module):
 
     estimator = ""
 
-    def __init__(self, model, guide, num_particles: int = 1, kl: str = "mc"):
+    def __init__(self, model, guide, num_particles: int = 1, kl: str = "mc", compile: bool = False):
         super().__init__()
         if not supports_lean_step(model, guide):
             raise ValueError(f"{type(self).__name__} needs a pyro_bbb model and a BBBGuide")
@@ -341,19 +451,23 @@ class _LeanLoss(nn.Module):
         self.guide = guide
         self.num_particles = _checks.positive_int("num_particles", num_particles)
         self.kl = _checks.choice("kl", kl, ("mc", "analytic"))
+        self.compile = bool(compile)
+        self._terms: dict = {}
         self.last_terms: dict[str, Tensor] = {}
 
     def _sites(self) -> list[_Site]:
-        """Per weight site its guide parameters and prior, cached until the guide's
-        parameters change (e.g. moved to another device)."""
-        key = tuple(id(p) for p in self.guide.parameters())
-        if getattr(self, "_cache_key", None) != key:
+        """Per weight site its guide parameters and prior, cached until the guide sets up
+        new parameters (its loc / rho modules are replaced) or they move to another device
+        or dtype.  (Checked every step: kept to a few attribute reads.)"""
+        key = (id(self.guide.loc), id(self.guide.rho))
+        cache = getattr(self, "_cache", None)
+        if cache is None or self._cache_key != key + _placement(cache):
             priors = self.model.network.priors()
             self._cache = [
                 _Site(n, self.guide.loc.get_parameter(n), self.guide.rho.get_parameter(n), p, _prior_spec(p))
                 for n, p in priors.items()
             ]
-            self._cache_key = key
+            self._cache_key = key + _placement(self._cache)
             self._on_new_sites(self._cache)
         return self._cache
 
@@ -363,15 +477,37 @@ class _LeanLoss(nn.Module):
     def _lead(self):
         return (self.num_particles,) if self.num_particles > 1 else ()
 
-    def _draw(self, site: _Site, want: str, mode: str | None = None, need_eps: bool = True):
-        """One site's output and KL, with the KL mode the user asked for where the prior
-        allows it (the closed form needs a Gaussian prior; else Monte Carlo)."""
-        mode = mode or ("analytic" if self.kl == "analytic" and site.analytic_ok else "mc")
-        eps = None
-        if need_eps or mode == "mc":
+    def _draw_sites(self, requests) -> tuple[dict[str, Tensor], Tensor | float]:
+        """Per requested ``(site, want, need_eps)`` its output, and the KL summed over the
+        sites, with the KL mode the user asked for where the prior allows it (the closed
+        form needs a Gaussian prior; else Monte Carlo).  The sites with scalar Gaussian /
+        mixture priors go through one :class:`_SiteTerms` call (and one ``randn``) per
+        dtype and device."""
+        p, lead = self.num_particles, self._lead()
+        outs, kl, groups = {}, 0.0, {}
+        for site, want, need_eps in requests:
+            mode = "analytic" if self.kl == "analytic" and site.analytic_ok else "mc"
+            need_eps = need_eps or mode == "mc"
+            if _fusable(site.spec):
+                group = groups.setdefault((site.loc.dtype, site.loc.device), [])
+                group.append((site, _Term(site.spec, mode, want), need_eps))
+                continue
             loc = site.loc
-            eps = torch.randn(self._lead() + loc.shape, dtype=loc.dtype, device=loc.device)
-        return site_terms(site.loc, site.rho, eps, site.prior, site.spec, mode, want, self.num_particles)
+            eps = torch.randn(lead + loc.shape, dtype=loc.dtype, device=loc.device) if need_eps else None
+            outs[site.name], site_kl = _site_terms_autograd(loc, site.rho, eps, site.prior, site.spec, mode, want, p)
+            kl = kl + site_kl
+        for (dtype, device), group in groups.items():
+            sizes = [math.prod(lead + site.loc.shape) if need_eps else 0 for site, _, need_eps in group]
+            noise = torch.randn(sum(sizes), dtype=dtype, device=device).split(sizes)
+            tensors = []
+            for (site, _, need_eps), eps in zip(group, noise):
+                tensors += [site.loc, site.rho, eps.view(lead + site.loc.shape) if need_eps else None]
+            terms = tuple(term for _, term, _ in group)
+            terms = self._terms.setdefault(terms, terms)  # the same object every step (compile's guards)
+            *values, group_kl = _SiteTerms.apply(terms, p, self.compile, *tensors)
+            outs.update(zip((site.name for site, _, _ in group), values))
+            kl = group_kl if isinstance(kl, float) and kl == 0.0 else kl + group_kl
+        return outs, kl
 
     def _extra_latents(self, latents: dict, kl):
         """Non-weight latents (e.g. a learned noise): few numbers, drawn from q directly."""
@@ -391,10 +527,16 @@ class _LeanLoss(nn.Module):
         p = self.num_particles
         f = self.model._output(out)
         log_lik = self.model.likelihood(f, self.model._lift(latents, f)).log_prob(y).sum()
-        log_lik = log_lik * ((num_data or x.shape[0]) / x.shape[0])
-        self.last_terms = {"log_likelihood": log_lik.detach() / p, "kl": torch.as_tensor(kl).detach() / p}
+        if num_data is not None and num_data != x.shape[0]:
+            log_lik = log_lik * (num_data / x.shape[0])
+        kl = torch.as_tensor(kl, device=log_lik.device)
+
+        def per_particle(t):  # (no op for one particle: the step is short on small networks)
+            return t if p == 1 else t / p
+
+        self.last_terms = {"log_likelihood": per_particle(log_lik.detach()), "kl": per_particle(kl.detach())}
         self._last = (latents, log_lik, kl)
-        return (kl_scale * kl - log_lik) / p
+        return per_particle((kl if kl_scale == 1.0 else kl_scale * kl) - log_lik)
 
     def diagnose(self) -> str:
         """Name the first site of the last call whose value or term is not finite."""
@@ -445,10 +587,7 @@ class WeightSamplingLoss(_LeanLoss):
     estimator = "weights"
 
     def forward(self, x: Tensor, y: Tensor, num_data: int | None = None, kl_scale: float = 1.0) -> Tensor:
-        latents, kl = {}, 0.0
-        for site in self._sites():
-            latents[site.name], site_kl = self._draw(site, "w")
-            kl = kl + site_kl
+        latents, kl = self._draw_sites([(site, "w", True) for site in self._sites()])
         kl = self._extra_latents(latents, kl)
         out = self.model.network.evaluate({n: latents[n] for n in self.model.network.site_names}, x)
         return self._finish(out, latents, x, y, num_data, kl_scale, kl)
@@ -473,8 +612,8 @@ class _LayerLoss(_LeanLoss):
 
     layer_types: tuple = ()
 
-    def __init__(self, model, guide, num_particles: int = 1, kl: str = "mc"):
-        super().__init__(model, guide, num_particles, kl)
+    def __init__(self, model, guide, num_particles: int = 1, kl: str = "mc", compile: bool = False):
+        super().__init__(model, guide, num_particles, kl, compile)
         self._sites()
         if not self._layers:
             kinds = ", ".join(t.__name__ for t in self.layer_types)
@@ -521,14 +660,18 @@ class _LayerLoss(_LeanLoss):
 
     def forward(self, x: Tensor, y: Tensor, num_data: int | None = None, kl_scale: float = 1.0) -> Tensor:
         p = self.num_particles
-        latents, fixed, batched, kl = {}, {}, {}, 0.0
-        for site in self._sites():
+        sites = self._sites()
+        values, kl = self._draw_sites([
+            (site, *self._layer_want(site)) if site.name in self._layer_sites
+            else (site, "w", True)  # drawn as in weight sampling
+            for site in sites
+        ])
+        latents, fixed, batched = {}, {}, {}
+        for site in sites:
             if site.name in self._layer_sites:
-                fixed_values, batched_values, site_kl = self._layer_site(site)
-                fixed[site.name], batched[site.name] = fixed_values, batched_values
-            else:  # drawn as in weight sampling
-                latents[site.name], site_kl = self._draw(site, "w")
-            kl = kl + site_kl
+                fixed[site.name], batched[site.name] = self._layer_values(site, values[site.name])
+            else:
+                latents[site.name] = values[site.name]
         kl = self._extra_latents(latents, kl)
         weights = {n: latents[n] for n in self.model.network.site_names if n in latents}
         net = self.model.network.net
@@ -586,10 +729,12 @@ class LocalReparamLoss(_LayerLoss):
     estimator = "local_reparam"
     layer_types = (nn.Linear,)
 
-    def _layer_site(self, site):
+    def _layer_want(self, site):
         # The KL's own draw (kl="mc" or no closed form) is independent of the likelihood's noise.
-        var, kl = self._draw(site, "var", need_eps=False)
-        return {"mean": site.loc, "var": var}, {}, kl
+        return "var", False
+
+    def _layer_values(self, site, var):
+        return {"mean": site.loc, "var": var}, {}
 
     def _layer_forward(self, layer, x, fixed, batched):
         if x.dim() != 2:
@@ -639,11 +784,11 @@ class FlipoutLoss(_LayerLoss):
     estimator = "flipout"
     layer_types = (nn.Linear,) + _CONVS
 
-    def _layer_site(self, site):
-        is_weight = site.name in self._layers
-        value, kl = self._draw(site, "delta" if is_weight else "w")
-        key = "delta" if is_weight else "value"
-        return {"mean": site.loc}, {key: value}, kl
+    def _layer_want(self, site):
+        return ("delta" if site.name in self._layers else "w"), True
+
+    def _layer_values(self, site, value):
+        return {"mean": site.loc}, {("delta" if site.name in self._layers else "value"): value}
 
     def _layer_forward(self, layer, x, fixed, batched):
         module = layer.module

@@ -22,6 +22,7 @@ import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.func import functional_call, vmap
 
 from .priors import PriorSpec, prior_on_device, resolve_prior
@@ -99,10 +100,12 @@ class BayesianNetwork(PyroModule):
         shape ``batch_shape + output_shape``, computed in one vmapped call.
         """
         batch_shape = self.batch_shape(weights)
+        layers = self._mlp_layers()
         if not batch_shape:
+            if layers is not None:  # what nn.Linear runs, minus functional_call's module swaps
+                return self._mlp_forward(layers, weights, x, batched=False)
             return functional_call(self.net, dict(weights), (x,))
-        layers = self._mlp_layers() if x.dim() == 2 else None
-        if layers is not None:
+        if layers is not None and x.dim() == 2:
             return self._mlp_forward(layers, weights, x)
         flat = {
             n: weights[n].expand(batch_shape + s).reshape((-1,) + s)
@@ -122,7 +125,7 @@ class BayesianNetwork(PyroModule):
         return self._mlp_cache
 
     @staticmethod
-    def _mlp_forward(layers, weights, x):
+    def _mlp_forward(layers, weights, x, batched=True):
         # Batched weights as a leading dimension of plain matrix products: the same
         # output as vmap over functional_call without vmap's per-call batching rules
         # (several times faster for small networks on a CPU).
@@ -130,6 +133,9 @@ class BayesianNetwork(PyroModule):
         for layer in layers:
             if isinstance(layer, nn.Module):
                 h = layer(h)
+            elif not batched:
+                weight, bias = layer
+                h = F.linear(h, weights[weight], None if bias is None else weights[bias])
             else:
                 weight, bias = layer
                 h = torch.matmul(h, weights[weight].transpose(-1, -2))

@@ -23,13 +23,13 @@ def _problem(device):
     return model, bbb.BBBGuide(model), x.to(device), y.to(device)
 
 
-@pytest.mark.parametrize("estimator", ["weights"])
-def test_fit_predict_inference_data_on_cuda_match_cpu(estimator):
+@pytest.mark.parametrize("estimator,compile", [("weights", False), ("weights", True), ("local_reparam", True)])
+def test_fit_predict_inference_data_on_cuda_match_cpu(estimator, compile):
     runs = {}
     for device in ("cpu", "cuda"):
         model, guide, x, y = _problem(device)
         hist = bbb.fit(model, guide, x, y, epochs=5, num_particles=2, kl="analytic", estimator=estimator,
-                       seed=0, progress=False)
+                       compile=compile, seed=0, progress=False)
         assert all(p.device.type == device for p in guide.parameters())
         pred = bbb.predict(model, guide, x, num_samples=20, seed=0)
         assert pred.f.device.type == device

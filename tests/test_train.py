@@ -171,8 +171,12 @@ def test_lean_step_equals_pyro_trace_path(kl, prior, particles, monkeypatch):
         def rsample(self, sample_shape=torch.Size()):
             return self.loc + self.scale * next(queue).reshape(self._extended_shape(sample_shape))
 
-        def randn(*shape, **kw):
-            return next(queue).reshape(shape[0] if len(shape) == 1 else shape)
+        def randn(*shape, **kw):  # one call may draw for several sites, concatenated
+            size = math.prod(shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape)
+            parts = []
+            while sum(t.numel() for t in parts) < size:
+                parts.append(next(queue).reshape(-1))
+            return torch.cat(parts).reshape(shape[0] if len(shape) == 1 else shape)
 
         return rsample, randn
 
