@@ -259,10 +259,11 @@ def _terms_forward(terms, p, tensors, compiled):
             sigma, dsigma = _softplus_and_sigmoid(rho)
             sigma = sigma.clamp_min(torch.finfo(rho.dtype).tiny)
         else:  # separate ATen calls cost the same: the backward computes sigmoid(rho)
-            sigma, dsigma = F.softplus(rho).clamp_min_(torch.finfo(rho.dtype).tiny), None
+            sigma, dsigma = F.softplus(rho), None
+            sum_log_sigma = _clamp_and_sum_log(sigma)
         w = None if eps is None else torch.addcmul(mu, sigma, eps)
         out = w if want == "w" else sigma * eps if want == "delta" else sigma.square()
-        sums.append(torch.log(sigma).sum() if compiled else _sum_log(sigma))
+        sums.append(torch.log(sigma).sum() if compiled else sum_log_sigma)
         d = None
         # KL = const + sum_i coef_i * sums_i, the constants as Python floats.
         if mode == "analytic":
@@ -389,17 +390,23 @@ def _sq_sum(t: Tensor) -> Tensor:
     return t.square().sum()
 
 
-def _sum_log(sigma: Tensor) -> Tensor:
-    """sum(log sigma).  On a CPU, where the log is the costliest pass over the weights
-    after ``randn`` and softplus, and all of sigma lies in [1e-18, 1e18], as the logs of
-    products of pairs: half the logs, and each product a normal float (no under- or
-    overflow), so the sum is as accurate as the plain one's float rounding."""
-    flat = sigma.reshape(-1)
-    half = flat.numel() // 2
-    if sigma.device.type != "cpu" or half < 512:
-        return torch.log(sigma).sum()
-    lo, hi = torch.aminmax(flat)
-    if not (lo.item() >= 1e-18 and hi.item() <= 1e18):
+def _clamp_and_sum_log(sigma: Tensor) -> Tensor:
+    """Clamp sigma (in place) to the smallest normal float, and return sum(log sigma).
+
+    On a CPU, where the log is the costliest pass over the weights after ``randn`` and
+    softplus, one min/max pass decides both: no clamp pass unless sigma underflowed, and,
+    where all of sigma lies in [1e-18, 1e18], the sum as the logs of products of pairs:
+    half the logs, each product a normal float (no under- or overflow), so the sum is as
+    accurate as the plain one's float rounding."""
+    tiny = torch.finfo(sigma.dtype).tiny
+    half = sigma.numel() // 2
+    if sigma.device.type != "cpu" or half < 512 or not sigma.is_contiguous():  # (a GPU: no sync)
+        return torch.log(sigma.clamp_min_(tiny)).sum()
+    flat = sigma.view(-1)
+    lo, hi = (v.item() for v in torch.aminmax(flat))
+    if lo < tiny:
+        sigma.clamp_min_(tiny)
+    if not (lo >= 1e-18 and hi <= 1e18):
         return torch.log(sigma).sum()
     total = torch.log(flat[:half] * flat[half: 2 * half]).sum()
     return total if 2 * half == flat.numel() else total + torch.log(flat[-1])

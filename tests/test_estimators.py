@@ -30,7 +30,7 @@ from pyro_bbb.estimators import (
     _prior_spec,
     _site_terms_autograd,
     _SiteTerms,
-    _sum_log,
+    _clamp_and_sum_log,
     _Term,
 )
 from pyro_bbb.train import make_loss
@@ -204,12 +204,13 @@ def test_fit_with_compile_follows_the_eager_fit():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n,spread", [(1024, "typical"), (4003, "typical"), (313600, "typical"),
-                                      (4003, "range ends"), (4003, "float ends")])
+                                      (4003, "range ends"), (4003, "float ends"), (4003, "underflow")])
 def test_sum_of_log_sigma_equals_the_sum_of_logs(n, spread, dtype):
-    """_sum_log (logs of products of pairs where sigma lies in [1e-18, 1e18], else plain
-    logs) against float64 logs, within float32 rounding of the total (relative 1e-6):
-    typical scales, values at the ends of the pairs' range (products 1e-36 / 1e36, still
-    normal floats) and at the ends of float32's range (the plain logs)."""
+    """_clamp_and_sum_log (logs of products of pairs where sigma lies in [1e-18, 1e18],
+    else plain logs) against float64 logs, within float32 rounding of the total (relative
+    1e-6): typical scales, values at the ends of the pairs' range (products 1e-36 / 1e36,
+    still normal floats), at the ends of float32's range (the plain logs), and underflowed
+    zeros (clamped in place first)."""
     g = torch.Generator().manual_seed(n)
     sigma = F.softplus(torch.randn(n, generator=g) * 3 - 4).to(dtype)
     if spread == "range ends":
@@ -218,8 +219,11 @@ def test_sum_of_log_sigma_equals_the_sum_of_logs(n, spread, dtype):
     elif spread == "float ends":
         sigma[[0, n // 2]] = torch.finfo(torch.float32).tiny
         sigma[[1, n // 2 + 1]] = torch.finfo(torch.float32).max
-    got = _sum_log(sigma)
-    ref = torch.log(sigma.double()).sum()
+    elif spread == "underflow":  # softplus(-104) = 0 in float32: clamped to the smallest normal float
+        sigma[[2, n // 2 + 2]] = 0.0
+    ref = torch.log(sigma.double().clamp_min(torch.finfo(dtype).tiny)).sum()
+    got = _clamp_and_sum_log(sigma)
+    assert sigma.min() >= torch.finfo(dtype).tiny
     assert got.dtype == dtype and torch.isfinite(got)
     assert got.item() == pytest.approx(ref.item(), rel=1e-6)
 
