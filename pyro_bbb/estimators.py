@@ -62,13 +62,15 @@ examples of a minibatch do not interact inside the network (no BatchNorm in
 training mode): each example's output must depend on its own row only.
 
 The elementwise work per parameter tensor (softplus, log sigma, the draw, the
-KL sums and the mixture prior's log density) runs as one autograd function with
-a hand-written backward (:class:`_SiteTerms`) for scalar Gaussian and
-scale-mixture priors: the same value and gradient as the autograd chain, in
-fewer passes over the weights.  (``torch.compile`` of that chain was measured
-on CPU: 25-50 s to compile, and no step-time gain beyond the noise, because
-softplus, log, sigmoid and ``randn`` dominate and ATen's kernels for them are
-already vectorized; so it is not offered.)
+KL sums and the mixture prior's log density) runs in one autograd function for
+all weight tensors of a step, with a hand-written backward (:class:`_SiteTerms`),
+for scalar Gaussian and scale-mixture priors: the same value and gradient as the
+autograd chain, in fewer passes over the weights and one autograd node.  With
+``compile=True`` its forward and backward run as ``torch.compile``'d kernels (one
+loop over the weights per pass; softplus and sigmoid(rho) from one exp).  On a CPU
+the transcendental functions and ``randn``, not the memory passes, dominate, so
+compiling pays for the scale-mixture prior (whose log density adds a softplus and
+a sigmoid per weight) more than for the Gaussian; see ``benchmarks/``.
 """
 
 from __future__ import annotations

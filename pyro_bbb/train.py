@@ -535,7 +535,9 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip_norm is None:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+            # A NaN or inf in any gradient makes the sum of all gradients non-finite: half
+            # the cost of a norm, and no overflow of squares at 1e19.
+            norm = _sum_of_gradients(self.params)
         else:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
         if not torch.isfinite(norm):
@@ -543,6 +545,15 @@ class TrainStep:
             raise NonFiniteLossError(f"gradient of {bad!r} is not finite at {where}; loss was {value}")
         self.optimizer.step()
         return value, (log_lik, kl)
+
+
+def _sum_of_gradients(params) -> Tensor:
+    sums = [p.grad.sum() for p in params if p.grad is not None]
+    if not sums:
+        return torch.zeros(())
+    if len({t.device for t in sums}) > 1:  # parameters on several devices
+        return sum(t.cpu() for t in sums)
+    return torch.stack(sums).sum()
 
 
 def _adam(params, lr):

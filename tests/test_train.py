@@ -290,6 +290,29 @@ def test_non_finite_loss_names_step_and_site():
         bbb.fit(model, guide, x, y, epochs=3, progress=False)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_gradient_with_a_finite_loss_stops_before_the_update(bad):
+    """A gradient that turns non-finite while the loss stays finite (here forced by a hook
+    at step 2) raises, names the parameter, and leaves the parameters as they were."""
+    model, guide, x, y = _setup()
+    rho = guide.rho.get_parameter("0.weight")
+    calls = {"n": 0}
+
+    before = {}
+
+    def spoil(grad):  # runs in step 2's backward, before its update
+        calls["n"] += 1
+        if calls["n"] != 3:
+            return grad
+        before.update({n: p.detach().clone() for n, p in guide.named_parameters()})
+        return grad.clone().index_fill_(0, torch.tensor([0]), bad)
+
+    rho.register_hook(spoil)
+    with pytest.raises(bbb.NonFiniteLossError, match=r"gradient of 'rho\.0\.weight'.*step 2"):
+        bbb.fit(model, guide, x, y, epochs=5, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in guide.named_parameters())
+
+
 def test_interrupt_keeps_history(monkeypatch):
     model, guide, x, y = _setup()
     calls = {"n": 0}
