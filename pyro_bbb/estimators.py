@@ -370,8 +370,10 @@ def _site_backward(term, p, g_out, g_kl, g_kl_times, mu, dsigma, eps, w, sigma, 
     if g_kl is not None and mode == "analytic":
         m, s = spec.loc, spec.scale
         c = g_kl_times(p / (s * s))
-        gm = torch.mul(mu if m == 0.0 else mu - m, c)
-        grad_mu = gm if grad_mu is None else gm.add_(grad_mu)
+        if grad_mu is None:
+            grad_mu = torch.mul(mu if m == 0.0 else mu - m, c)
+        else:  # one pass (grad_mu may be g_out itself: not written to)
+            grad_mu = torch.addcmul(grad_mu, mu if m == 0.0 else mu - m, c)
     if want == "var" and g_out is not None:  # d(sigma^2)/dsigma = 2 sigma
         t = (g_out * 2 if c is None else torch.add(c, g_out, alpha=2)).mul_(sigma)
         a = t if a is None else a.add_(t)
