@@ -3,7 +3,8 @@
 Every method runs in this one process, alternating in rounds, and each round
 times a block of steps; the table reports the median per-step time over rounds
 and ratios to the deterministic step (and to the hand-written torch BBB step),
-which are what the targets are stated in.  The machines are shared and noisy:
+which are what the targets are stated in: the median over rounds of each round's
+ratio, so that the load of a shared machine, drifting over minutes, cancels.  The machines are shared and noisy:
 read ratios, not absolute times.
 
     python benchmarks/train_step.py                 # one thread (the targets' setting)
@@ -191,11 +192,23 @@ def _copy(net):
 CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
 
 
-def measure(steps: dict, rounds: int, block: int, warmup: int = 3) -> dict[str, dict[str, float]]:
-    """Median seconds per step over ``rounds``, by wall clock and by the CPU time of this
-    thread (with one torch thread the work runs on it; CPU time does not count the time
-    other jobs on a shared machine take the core away).  Methods alternate within each
-    round."""
+class Timings(dict):
+    """Per clock, per method: seconds per step in each round (rounds aligned across methods)."""
+
+    def median(self, clock: str, name: str) -> float:
+        return statistics.median(self[clock][name])
+
+    def ratio(self, clock: str, name: str, ref: str) -> float:
+        """Median over rounds of the within-round ratio: the methods of a round run seconds
+        apart, so a shared machine's drifting load cancels out of each round's ratio."""
+        return statistics.median(a / b for a, b in zip(self[clock][name], self[clock][ref]))
+
+
+def measure(steps: dict, rounds: int, block: int, warmup: int = 3) -> Timings:
+    """Seconds per step in each of ``rounds`` rounds, by wall clock and by the CPU time of
+    this thread (with one torch thread the work runs on it; CPU time does not count the
+    time other jobs on a shared machine take the core away).  Methods alternate within
+    each round, ``block`` steps each."""
     for step in steps.values():
         for _ in range(warmup):
             step()
@@ -207,10 +220,10 @@ def measure(steps: dict, rounds: int, block: int, warmup: int = 3) -> dict[str, 
                 step()
             for clock, fn in CLOCKS.items():
                 times[clock][name].append((fn() - start[clock]) / block)
-    return {clock: {name: statistics.median(v) for name, v in t.items()} for clock, t in times.items()}
+    return Timings(times)
 
 
-# (problem, step, reference, target): the issue's targets, as ratios of median step times.
+# (problem, step, reference, target): the issue's targets, as ratios of step times.
 TARGETS = [
     ("big", "fit, N(0,1), kl=mc", "deterministic", 2.5),
     ("big", "fit, N(0,1), kl=analytic", "deterministic", 2.5),
@@ -242,8 +255,9 @@ def run(args) -> str:
         f"CPU capability {torch.backends.cpu.get_cpu_capability()}",
         f"- versions: python {platform.python_version()}, torch {torch.__version__}, pyro {pyro.__version__}, "
         f"pyro_bbb {bbb.__version__}",
-        f"- method: all steps in one process, alternating; median over {rounds} rounds of "
-        f"{args.block} steps (after warm-up steps); fused Adam for every method (what fit uses); "
+        f"- method: all steps in one process, alternating; {rounds} rounds of {args.block} steps each "
+        "(after warm-up steps); ms/step: median over rounds; ratios: median over rounds of the "
+        "ratio within the round; fused Adam for every method (what fit uses); "
         "the fit steps include fit's finiteness checks.  `wall`: elapsed time; `cpu`: CPU time of "
         "the benchmark thread" + (" (= all the work with one torch thread; robust to other jobs "
         "taking the core)" if one_thread else " (not all the work with several threads: read wall)"),
@@ -292,12 +306,12 @@ def run(args) -> str:
             "| x hand-written BBB (wall) | x hand-written BBB (cpu) |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
-        wall, cpu = result["wall"], result["cpu"]
         base, hand = "deterministic", "hand-written torch BBB, N(0,1)"
         for name in steps:
             lines.append(
-                f"| {name} | {wall[name] * 1e3:.2f} | {cpu[name] * 1e3:.2f} | {wall[name] / wall[base]:.2f} "
-                f"| {cpu[name] / cpu[base]:.2f} | {wall[name] / wall[hand]:.2f} | {cpu[name] / cpu[hand]:.2f} |"
+                f"| {name} | {result.median('wall', name) * 1e3:.2f} | {result.median('cpu', name) * 1e3:.2f} | "
+                + " | ".join(f"{result.ratio(clock, name, ref):.2f}" for ref in (base, hand) for clock in CLOCKS)
+                + " |"
             )
         lines.append("")
         print("\n".join(lines[-len(steps) - 5:]), flush=True)
@@ -311,8 +325,7 @@ def run(args) -> str:
     for key, step, ref, target in TARGETS:
         if step not in results[key]["wall"]:
             continue
-        r_wall = results[key]["wall"][step] / results[key]["wall"][ref]
-        r_cpu = results[key]["cpu"][step] / results[key]["cpu"][ref]
+        r_wall, r_cpu = (results[key].ratio(clock, step, ref) for clock in ("wall", "cpu"))
         both = r_wall <= target and r_cpu <= target
         met = "yes" if both else ("by cpu time only" if r_cpu <= target else
                                   ("by wall time only" if r_wall <= target else "no"))
@@ -330,8 +343,8 @@ def run(args) -> str:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--block", type=int, default=20, help="steps per timed block")
+    parser.add_argument("--rounds", type=int, default=25)
+    parser.add_argument("--block", type=int, default=6, help="steps per timed block")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="leave out the fit(compile=True) rows")
     parser.add_argument("--out", type=Path, default=None, help="markdown output (default: benchmarks/results/)")
