@@ -247,7 +247,8 @@ class _SiteTerms(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         run = _compiled(_terms_backward) if ctx.compiled else _terms_backward
-        return (None, None, None, *run(ctx.terms, ctx.p, grads[:-1], grads[-1], ctx.saved_tensors, ctx.compiled))
+        grads = run(ctx.terms, ctx.p, grads[:-1], grads[-1], ctx.saved_tensors, ctx.compiled)
+        return (None, None, None, *grads)
 
 
 def _terms_forward(terms, p, tensors, compiled):
@@ -260,12 +261,13 @@ def _terms_forward(terms, p, tensors, compiled):
         if compiled:  # one exp for sigma and its derivative sigmoid(rho), saved for the backward
             sigma, dsigma = _softplus_and_sigmoid(rho)
             sigma = sigma.clamp_min(torch.finfo(rho.dtype).tiny)
+            sum_log_sigma = torch.log(sigma).sum()
         else:  # separate ATen calls cost the same: the backward computes sigmoid(rho)
             sigma, dsigma = F.softplus(rho), None
             sum_log_sigma = _clamp_and_sum_log(sigma)
         w = None if eps is None else torch.addcmul(mu, sigma, eps)
         out = w if want == "w" else sigma * eps if want == "delta" else sigma.square()
-        sums.append(torch.log(sigma).sum() if compiled else sum_log_sigma)
+        sums.append(sum_log_sigma)
         d = None
         # KL = const + sum_i coef_i * sums_i, the constants as Python floats.
         if mode == "analytic":
@@ -317,7 +319,8 @@ def _terms_backward(terms, p, g_outs, g_kl, saved, compiled):
         if not compiled:  # the forward saved rho and d, not their sigmoids
             rho_or_dsigma = torch.sigmoid(rho_or_dsigma)
             d = None if d is None else torch.sigmoid(d)
-        grads += [*_site_backward(term, p, g_outs[k], g_kl, g_kl_times, mu, rho_or_dsigma, eps, w, sigma, d), None]
+        grads += [*_site_backward(term, p, g_outs[k], g_kl, g_kl_times, mu, rho_or_dsigma, eps, w, sigma, d),
+                  None]
     return grads
 
 
