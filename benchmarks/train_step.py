@@ -60,15 +60,19 @@ def _nll(out, y, task):
     return -torch.distributions.Normal(out.squeeze(-1), 0.1).log_prob(y).sum()
 
 
+def _update(opt, loss):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def deterministic_step(net, x, y, num_data, task):
     net = _copy(net)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
 
     def step():
         loss = _nll(net(x), y, task) * (num_data / x.shape[0])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _update(opt, loss)
 
     return step
 
@@ -91,9 +95,7 @@ def handwritten_bbb_step(net, x, y, num_data, task, prior):
                        - prior.expand(w[n].shape).log_prob(w[n]).sum())
         out = torch.func.functional_call(net, w, (x,))
         loss = kl + _nll(out, y, task) * (num_data / x.shape[0])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _update(opt, loss)
 
     return step
 
@@ -110,9 +112,7 @@ def noise_floor_step(net, x, y, num_data, task):
     def step():
         w = {n: torch.add(mus[n], torch.randn_like(mus[n]), alpha=0.01) for n in names}
         loss = _nll(torch.func.functional_call(net, w, (x,)), y, task) * (num_data / x.shape[0])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _update(opt, loss)
 
     return step
 
@@ -144,9 +144,7 @@ def local_reparam_floor_step(net, x, y, num_data, task):
 
     def step():
         loss = _nll(forward(x), y, task) * (num_data / x.shape[0])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        _update(opt, loss)
 
     return step
 

@@ -113,29 +113,37 @@ def _grads(value, inputs):
     return [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
 
 
-def test_fused_terms_of_several_tensors_in_one_call_equal_the_terms_one_by_one():
-    """One _SiteTerms call over tensors with different priors, KL modes and outputs: the
-    outputs, the summed KL and every gradient equal the per-tensor calls' (float64)."""
-    g = torch.Generator().manual_seed(5)
+def _three_terms(seed, rho_low, rho_high):
+    """Three tensors with different priors, KL modes and outputs (float64), p = 2 particles:
+    (terms, p, params [(mu, rho)], inputs for _SiteTerms.apply, objective(outs, kl))."""
+    g = torch.Generator().manual_seed(seed)
     f64 = dict(dtype=torch.float64)
     shapes = [(3, 4), (7,), (2, 2, 2)]
-    terms = [
+    terms = (
         _Term(_prior_spec(dist.Normal(torch.tensor(0.3, **f64), 0.7)), "analytic", "var"),
         _Term(_MixtureSpec.of(0.5, 1.0, math.exp(-6)), "mc", "w"),
         _Term(_prior_spec(dist.Normal(torch.tensor(0.0, **f64), 1.0)), "mc", "delta"),
-    ]
+    )
     p = 2
     params = [(torch.randn(s, generator=g, **f64).requires_grad_(),
-               (torch.rand(s, generator=g, **f64) * 6 - 5).requires_grad_()) for s in shapes]
+               (torch.rand(s, generator=g, **f64) * (rho_high - rho_low) + rho_low).requires_grad_())
+              for s in shapes]
     eps = [None] + [torch.randn((p,) + s, generator=g, **f64) for s in shapes[1:]]
     weights = [torch.randn(((p,) if e is not None else ()) + s, generator=g, **f64) for s, e in zip(shapes, eps)]
+    inputs = [t for (mu, rho), e in zip(params, eps) for t in (mu, rho, e)]
 
     def objective(outs, kl):
         return sum((o * w).sum() for o, w in zip(outs, weights)) + 0.3 * kl
 
-    inputs = [t for (mu, rho), e in zip(params, eps) for t in (mu, rho, e)]
-    *outs, kl = _SiteTerms.apply(tuple(terms), p, False, *inputs)
-    singles = [_SiteTerms.apply((t,), p, False, mu, rho, e) for t, (mu, rho), e in zip(terms, params, eps)]
+    return terms, p, params, inputs, objective
+
+
+def test_fused_terms_of_several_tensors_in_one_call_equal_the_terms_one_by_one():
+    """One _SiteTerms call over tensors with different priors, KL modes and outputs: the
+    outputs, the summed KL and every gradient equal the per-tensor calls' (float64)."""
+    terms, p, params, inputs, objective = _three_terms(5, -5.0, 1.0)
+    *outs, kl = _SiteTerms.apply(terms, p, False, *inputs)
+    singles = [_SiteTerms.apply((t,), p, False, *inputs[3 * k: 3 * k + 3]) for k, t in enumerate(terms)]
     ref = objective([o for o, _ in singles], sum(k for _, k in singles))
     for a, (b, _) in zip(outs, singles):
         torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
@@ -161,26 +169,12 @@ def test_compiled_terms_equal_the_eager_terms():
     rho over softplus's whole range (linear above 20): outputs, KL and gradients to 1e-8
     relative (the kernels' vectorized exp / log1p are accurate to a few float64 ulps, and
     the reductions add in another order: ~1e-9 seen)."""
-    g = torch.Generator().manual_seed(11)
-    f64 = dict(dtype=torch.float64)
-    shapes = [(3, 4), (7,), (2, 2, 2)]
-    terms = (
-        _Term(_prior_spec(dist.Normal(torch.tensor(0.3, **f64), 0.7)), "analytic", "var"),
-        _Term(_MixtureSpec.of(0.5, 1.0, math.exp(-6)), "mc", "w"),
-        _Term(_prior_spec(dist.Normal(torch.tensor(0.0, **f64), 1.0)), "mc", "delta"),
-    )
-    p = 2
-    params = [(torch.randn(s, generator=g, **f64).requires_grad_(),
-               (torch.rand(s, generator=g, **f64) * 30 - 8).requires_grad_()) for s in shapes]
-    eps = [None] + [torch.randn((p,) + s, generator=g, **f64) for s in shapes[1:]]
-    weights = [torch.randn(((p,) if e is not None else ()) + s, generator=g, **f64) for s, e in zip(shapes, eps)]
-    inputs = [t for (mu, rho), e in zip(params, eps) for t in (mu, rho, e)]
+    terms, p, params, inputs, objective = _three_terms(11, -8.0, 22.0)
     leaves = [t for pair in params for t in pair]
     results = {}
     for compiled in (False, True):
         *outs, kl = _SiteTerms.apply(terms, p, compiled, *inputs)
-        objective = sum((o * w).sum() for o, w in zip(outs, weights)) + 0.3 * kl
-        results[compiled] = (outs, kl, _grads(objective, leaves))
+        results[compiled] = (outs, kl, _grads(objective(outs, kl), leaves))
     (outs, kl, grads), (c_outs, c_kl, c_grads) = results[False], results[True]
     for a, b in zip(c_outs + [c_kl] + c_grads, outs + [kl] + grads):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-12)
