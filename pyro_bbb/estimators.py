@@ -78,6 +78,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import types
 from dataclasses import dataclass
 
 import torch
@@ -238,7 +239,10 @@ class _SiteTerms(torch.autograd.Function):
     @staticmethod
     def forward(ctx, terms, p, compiled, *tensors):
         ctx.set_materialize_grads(False)
-        run = _compiled(_terms_forward) if compiled else _terms_forward
+        run = _terms_forward
+        if compiled:
+            ctx.config = (terms, p) + tuple(None if t is None else (t.shape, t.dtype, t.device) for t in tensors)
+            run = _kernel(_terms_forward, ctx.config)
         *outs, kl, saved = run(terms, p, tensors, compiled)
         ctx.terms, ctx.p, ctx.compiled = terms, p, compiled
         ctx.save_for_backward(*saved)
@@ -246,7 +250,7 @@ class _SiteTerms(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        run = _compiled(_terms_backward) if ctx.compiled else _terms_backward
+        run = _kernel(_terms_backward, ctx.config) if ctx.compiled else _terms_backward
         grads = run(ctx.terms, ctx.p, grads[:-1], grads[-1], ctx.saved_tensors, ctx.compiled)
         return (None, None, None, *grads)
 
@@ -332,11 +336,19 @@ def _softplus_and_sigmoid(x):
     return torch.where(linear, x, torch.log1p(e)), torch.where(linear, 1.0, e / (1.0 + e))
 
 
-@functools.cache
-def _compiled(fn):
-    """``fn`` compiled by ``torch.compile`` (once per process; each new set of terms,
-    shapes or dtypes compiles again, a few seconds)."""
-    return torch.compile(fn, dynamic=False, fullgraph=True)
+_KERNELS: dict = {}
+
+
+def _kernel(fn, config):
+    """``fn`` compiled by ``torch.compile`` for one configuration (terms, particles,
+    shapes, dtypes, devices), once per process.  Each configuration compiles a copy of
+    ``fn``'s code object: torch.compile counts recompilations per code object and stops
+    at a limit (8), which a process training many different networks would reach."""
+    key = (fn.__name__, config)
+    if key not in _KERNELS:
+        copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
+        _KERNELS[key] = torch.compile(copy, dynamic=False, fullgraph=True)
+    return _KERNELS[key]
 
 
 def _site_backward(term, p, g_out, g_kl, g_kl_times, mu, dsigma, eps, w, sigma, sigmoid_d):

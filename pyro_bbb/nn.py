@@ -131,8 +131,10 @@ class BayesianNetwork(PyroModule):
         # (several times faster for small networks on a CPU).  With one batch dimension
         # shared by all weights, each Linear is one baddbmm (the bias added in the
         # product) and known activations run in place on the layer's own output.
-        lead = {weights[n].shape[:-1 if layer_bias else -2] for n, layer_bias in _sites_of(layers)}
-        fused = batched and len(lead) == 1 and len(next(iter(lead))) == 1
+        fused = False
+        if batched:
+            lead = {weights[n].shape[:-1 if is_bias else -2] for n, is_bias in _sites_of(layers)}
+            fused = len(lead) == 1 and len(next(iter(lead))) == 1
         h, owned = x, False  # owned: h is this function's intermediate, safe to overwrite
         for layer in layers:
             if isinstance(layer, nn.Module):

@@ -323,11 +323,12 @@ def fit(
     compile : bool
         Run the elementwise work per weight (softplus, the draw, the KL and their
         gradients) as ``torch.compile``'d kernels: one loop over the weights per pass
-        instead of one per operation.  Same objective.  On a CPU it pays with the
-        scale-mixture prior (7 % of the step on a 784-400-400-10 network; with Gaussian
-        priors no gain: ``randn`` and the transcendental functions dominate either way,
-        see ``benchmarks/``), after a one-off compilation of a few seconds.  Needs a
-        C++ compiler on a CPU (Triton on a GPU); pyro_bbb models with a BBBGuide only.
+        instead of one per operation.  Same objective.  On a CPU it pays most with the
+        scale-mixture prior (7 % of the step on a 784-400-400-10 network, 3 % with
+        Gaussian priors: ``randn`` and the transcendental functions dominate either way,
+        see ``benchmarks/``), after a one-off compilation (13 s on a cold cache there).
+        Needs a C++ compiler on a CPU (Triton on a GPU); pyro_bbb models with a
+        BBBGuide only.
     device : str or torch.device, optional
         Where to train; default: where x lives.  Model, guide and data are moved.
     seed : int, optional

@@ -181,6 +181,23 @@ def test_compiled_terms_equal_the_eager_terms():
 
 
 @needs_compiler
+def test_compiled_terms_of_many_configurations_outlast_the_recompile_limit():
+    """Each configuration (terms, shapes, ...) gets its own compiled kernels, so a process
+    that trains many different networks never meets torch.compile's recompilation limit
+    (lowered here to 1: one shared compiled function would fail at the second shape)."""
+    term = _Term(_MixtureSpec.of(0.5, 1.0, math.exp(-6)), "mc", "w")
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for n in (3, 4, 5):
+            mu, rho = torch.zeros(n, requires_grad=True), torch.full((n,), -3.0, requires_grad=True)
+            eps = torch.randn(n)
+            (w, kl), (cw, ckl) = [_SiteTerms.apply((term,), 1, compiled, mu, rho, eps) for compiled in (False, True)]
+            torch.testing.assert_close(cw, w)
+            torch.testing.assert_close(ckl, kl)
+            for a, b in zip(_grads(ckl + cw.sum(), (mu, rho)), _grads(kl + w.sum(), (mu, rho))):
+                torch.testing.assert_close(a, b)
+
+
+@needs_compiler
 def test_fit_with_compile_follows_the_eager_fit():
     """fit(compile=True): the same noise (drawn outside the kernels) gives the same losses
     as the eager step, to float32 rounding accumulated over a few Adam steps."""
