@@ -496,6 +496,8 @@ def test_estimators_need_a_pyro_bbb_model_and_a_known_name():
     for estimator in ("local_reparam", "flipout"):
         with pytest.raises(ValueError, match="needs a pyro_bbb model and a BBBGuide"):
             bbb.fit(model, BBBGuide(model), x, y, epochs=1, estimator=estimator, progress=False)
+    with pytest.raises(ValueError, match="compile=True needs a pyro_bbb model and a BBBGuide"):
+        bbb.fit(model, BBBGuide(model), x, y, epochs=1, compile=True, progress=False)
     with pytest.raises(ValueError, match="estimator must be one of"):
         _fit(nn.Linear(2, 1), x, "reparam")
     with pytest.raises(ValueError, match="not set up"):
