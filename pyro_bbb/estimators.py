@@ -478,7 +478,7 @@ class _LeanLoss(nn.Module):
         self.num_particles = _checks.positive_int("num_particles", num_particles)
         self.kl = _checks.choice("kl", kl, ("mc", "analytic"))
         self.compile = bool(compile)
-        self._terms: dict = {}
+        self._plans: dict = {}
         self.last_terms: dict[str, Tensor] = {}
 
     def _sites(self) -> list[_Site]:
@@ -494,6 +494,7 @@ class _LeanLoss(nn.Module):
                 for n, p in priors.items()
             ]
             self._cache_key = key + _placement(self._cache)
+            self._plans.clear()
             self._on_new_sites(self._cache)
         return self._cache
 
@@ -510,30 +511,47 @@ class _LeanLoss(nn.Module):
         mixture priors go through one :class:`_SiteTerms` call (and one ``randn``) per
         dtype and device."""
         p, lead = self.num_particles, self._lead()
-        outs, kl, groups = {}, 0.0, {}
-        for site, want, need_eps in requests:
-            mode = "analytic" if self.kl == "analytic" and site.analytic_ok else "mc"
-            need_eps = need_eps or mode == "mc"
-            if _fusable(site.spec):
-                group = groups.setdefault((site.loc.dtype, site.loc.device), [])
-                group.append((site, _Term(site.spec, mode, want), need_eps))
-                continue
+        outs, kl = {}, 0.0
+        unfused, groups = self._plan(requests)
+        for site, mode, want, need_eps in unfused:
             loc = site.loc
             eps = torch.randn(lead + loc.shape, dtype=loc.dtype, device=loc.device) if need_eps else None
             outs[site.name], site_kl = _site_terms_autograd(loc, site.rho, eps, site.prior, site.spec, mode, want, p)
             kl = kl + site_kl
-        for (dtype, device), group in groups.items():
-            sizes = [math.prod(lead + site.loc.shape) if need_eps else 0 for site, _, need_eps in group]
+        for (dtype, device), (sites, terms, sizes, needs) in groups.items():
             noise = torch.randn(sum(sizes), dtype=dtype, device=device).split(sizes)
             tensors = []
-            for (site, _, need_eps), eps in zip(group, noise):
+            for site, need_eps, eps in zip(sites, needs, noise):
                 tensors += [site.loc, site.rho, eps.view(lead + site.loc.shape) if need_eps else None]
-            terms = tuple(term for _, term, _ in group)
-            terms = self._terms.setdefault(terms, terms)  # the same object every step (compile's guards)
             *values, group_kl = _SiteTerms.apply(terms, p, self.compile, *tensors)
-            outs.update(zip((site.name for site, _, _ in group), values))
+            outs.update(zip((site.name for site in sites), values))
             kl = group_kl if isinstance(kl, float) and kl == 0.0 else kl + group_kl
         return outs, kl
+
+    def _plan(self, requests):
+        """How :meth:`_draw_sites` draws ``requests``, worked out once (it is the same every
+        step): the unfused sites with their KL mode, and per (dtype, device) the fused
+        sites, their terms (one tuple object: compile's guards see the same one), the
+        sizes of their noise and whether they need it."""
+        key = tuple((id(site), want, need_eps) for site, want, need_eps in requests)
+        if key not in self._plans:
+            lead = self._lead()
+            unfused, groups = [], {}
+            for site, want, need_eps in requests:
+                mode = "analytic" if self.kl == "analytic" and site.analytic_ok else "mc"
+                need_eps = need_eps or mode == "mc"
+                if not _fusable(site.spec):
+                    unfused.append((site, mode, want, need_eps))
+                    continue
+                where = (site.loc.dtype, site.loc.device)
+                sites, terms, sizes, needs = groups.setdefault(where, ([], [], [], []))
+                sites.append(site)
+                terms.append(_Term(site.spec, mode, want))
+                sizes.append(math.prod(lead + site.loc.shape) if need_eps else 0)
+                needs.append(need_eps)
+            groups = {where: (g[0], tuple(g[1]), g[2], g[3]) for where, g in groups.items()}
+            self._plans[key] = (unfused, groups)
+        return self._plans[key]
 
     def _extra_latents(self, latents: dict, kl):
         """Non-weight latents (e.g. a learned noise): few numbers, drawn from q directly."""
