@@ -234,15 +234,18 @@ class _SiteTerms(torch.autograd.Function):
     ``_SiteTerms.apply(terms, p, compiled, mu_1, rho_1, eps_1, mu_2, ...)`` returns the
     outputs of the terms in order, then the KL summed over them.  ``compiled``: run the
     forward and backward passes as ``torch.compile``'d kernels (each elementwise chain
-    one loop over the weights, instead of one ATen call per operation)."""
+    one loop over the weights, instead of one ATen call per operation); True, or the
+    key of the configuration (terms, shapes, dtypes, devices) when the caller has one."""
 
     @staticmethod
     def forward(ctx, terms, p, compiled, *tensors):
         ctx.set_materialize_grads(False)
-        run = _terms_forward
-        if compiled:
-            ctx.config = (terms, p) + tuple(None if t is None else (t.shape, t.dtype, t.device) for t in tensors)
-            run = _kernel(_terms_forward, ctx.config)
+        config = compiled
+        if config is True:
+            config = (terms, p) + tuple(None if t is None else (t.shape, t.dtype, t.device) for t in tensors)
+        compiled = config is not None and config is not False
+        ctx.config = config
+        run = _kernel(_terms_forward, config) if compiled else _terms_forward
         *outs, kl, saved = run(terms, p, tensors, compiled)
         ctx.terms, ctx.p, ctx.compiled = terms, p, compiled
         ctx.save_for_backward(*saved)
@@ -518,12 +521,12 @@ class _LeanLoss(nn.Module):
             eps = torch.randn(lead + loc.shape, dtype=loc.dtype, device=loc.device) if need_eps else None
             outs[site.name], site_kl = _site_terms_autograd(loc, site.rho, eps, site.prior, site.spec, mode, want, p)
             kl = kl + site_kl
-        for (dtype, device), (sites, terms, sizes, needs) in groups.items():
+        for (dtype, device), (sites, terms, sizes, needs, config) in groups.items():
             noise = torch.randn(sum(sizes), dtype=dtype, device=device).split(sizes)
             tensors = []
             for site, need_eps, eps in zip(sites, needs, noise):
                 tensors += [site.loc, site.rho, eps.view(lead + site.loc.shape) if need_eps else None]
-            *values, group_kl = _SiteTerms.apply(terms, p, self.compile, *tensors)
+            *values, group_kl = _SiteTerms.apply(terms, p, config, *tensors)
             outs.update(zip((site.name for site in sites), values))
             kl = group_kl if isinstance(kl, float) and kl == 0.0 else kl + group_kl
         return outs, kl
@@ -532,7 +535,8 @@ class _LeanLoss(nn.Module):
         """How :meth:`_draw_sites` draws ``requests``, worked out once (it is the same every
         step): the unfused sites with their KL mode, and per (dtype, device) the fused
         sites, their terms (one tuple object: compile's guards see the same one), the
-        sizes of their noise and whether they need it."""
+        sizes of their noise, whether they need it, and with ``compile`` the key of their
+        compiled kernels (else None)."""
         key = tuple((id(site), want, need_eps) for site, want, need_eps in requests)
         if key not in self._plans:
             lead = self._lead()
@@ -549,7 +553,10 @@ class _LeanLoss(nn.Module):
                 terms.append(_Term(site.spec, mode, want))
                 sizes.append(math.prod(lead + site.loc.shape) if need_eps else 0)
                 needs.append(need_eps)
-            groups = {where: (g[0], tuple(g[1]), g[2], g[3]) for where, g in groups.items()}
+            groups = {where: (g[0], tuple(g[1]), g[2], g[3], None) for where, g in groups.items()}
+            if self.compile:  # the configuration's key for its compiled kernels (_kernel)
+                groups = {where: g[:4] + ((g[1], self.num_particles, where, tuple(s.loc.shape for s in g[0]),
+                                           tuple(g[3])),) for where, g in groups.items()}
             self._plans[key] = (unfused, groups)
         return self._plans[key]
 

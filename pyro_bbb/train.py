@@ -323,9 +323,9 @@ def fit(
     compile : bool
         Run the elementwise work per weight (softplus, the draw, the KL and their
         gradients) as ``torch.compile``'d kernels: one loop over the weights per pass
-        instead of one per operation.  Same objective.  On a CPU it pays most with the
-        scale-mixture prior (7 % of the step on a 784-400-400-10 network, 3 % with
-        Gaussian priors: ``randn`` and the transcendental functions dominate either way,
+        instead of one per operation.  Same objective.  On a CPU it pays with the
+        scale-mixture prior (5-7 % of the step on a 784-400-400-10 network), not with
+        Gaussian priors (``randn`` and the transcendental functions dominate either way;
         see ``benchmarks/``), after a one-off compilation (13 s on a cold cache there).
         Needs a C++ compiler on a CPU (Triton on a GPU); pyro_bbb models with a
         BBBGuide only.
