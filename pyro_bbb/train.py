@@ -326,7 +326,7 @@ def fit(
         instead of one per operation.  Same objective.  On a CPU it pays with the
         scale-mixture prior (5-7 % of the step on a 784-400-400-10 network), not with
         Gaussian priors (``randn`` and the transcendental functions dominate either way;
-        see ``benchmarks/``), after a one-off compilation (13 s on a cold cache there).
+        see ``benchmarks/``), after a one-off compilation (13-15 s on a cold cache there).
         Needs a C++ compiler on a CPU (Triton on a GPU); pyro_bbb models with a
         BBBGuide only.
     device : str or torch.device, optional
