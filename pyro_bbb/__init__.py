@@ -14,17 +14,56 @@ Examples
 torch.Size([10, 100])
 """
 
-from . import datasets
-from .compare import ComparisonReport, compare
-from .fast_hmc import ChEESReference, run_hmc
-from .guide import BBBGuide
-from .hmc import HMCReference, run_nuts
-from .nn import BayesianClassifier, BayesianNetwork, BayesianRegressor, bayesianize
-from .inference_data import to_inference_data
-from .predict import Prediction, predict
-from .prune import PrunedBBBGuide, PruneSummary, prune
-from .priors import ScaleMixtureNormal
-from .train import BBBLoss, History, NonFiniteLossError, fit, kl_weights
+import importlib
+import sys
+import types
+
+# Public names and the module each lives in.  They are imported on first use, so that
+# ``import pyro_bbb`` (and the ``pyro-bbb`` command's ``--help``) does not pay for torch,
+# Pyro and ArviZ until something needs them.
+_PUBLIC = {
+    "ComparisonReport": "compare", "compare": "compare",
+    "ChEESReference": "fast_hmc", "run_hmc": "fast_hmc",
+    "BBBGuide": "guide",
+    "HMCReference": "hmc", "run_nuts": "hmc",
+    "BayesianClassifier": "nn", "BayesianNetwork": "nn", "BayesianRegressor": "nn", "bayesianize": "nn",
+    "to_inference_data": "inference_data",
+    "Prediction": "predict", "predict": "predict",
+    "PrunedBBBGuide": "prune", "PruneSummary": "prune", "prune": "prune",
+    "ScaleMixtureNormal": "priors",
+    "BBBLoss": "train", "History": "train", "NonFiniteLossError": "train", "fit": "train",
+    "kl_weights": "train",
+}
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    elif name == "datasets":
+        value = importlib.import_module(".datasets", __name__)
+    else:
+        raise AttributeError(f"module 'pyro_bbb' has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+class _Package(types.ModuleType):
+    """Importing a submodule binds it on its package; for the three named like the function
+    they define (compare, predict, prune) the package keeps the function, as
+    ``from .compare import compare`` would."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _PUBLIC.get(name) == name:
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
 
 __version__ = "0.1.0"
 

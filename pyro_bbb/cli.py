@@ -4,54 +4,65 @@
 on the same Pyro model, and writes a report folder: ``report.md``,
 ``report.html``, ``metrics.json`` and pictures.  With no options it runs on the
 paper's regression curve, sized for a 2-core CPU.
+
+The arguments are parsed before torch, Pyro or ArviZ is imported, so ``--help``
+and a bad option answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import html
-import json
 import math
 import os
-import shutil
+import signal
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 __all__ = ["main"]
 
 
+def _number(text, kind, what):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+
+
 def _positive_int(text):
-    value = int(text)
+    value = _number(text, int, "a positive integer")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
     return value
 
 
 def _nonnegative_int(text):
-    value = int(text)
+    value = _number(text, int, "an integer >= 0")
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
     return value
 
 
 def _positive_float(text):
-    value = float(text)
+    value = _number(text, float, "a finite number > 0")
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
 def _probability(text):
-    value = float(text)
+    value = _number(text, float, "a number strictly between 0 and 1")
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
     return value
 
 
 def _noise(text):
-    return text if text == "learned" else _positive_float(text)
+    if text == "learned":
+        return text
+    try:
+        return _positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be 'learned' or a finite number > 0, got {text!r}") from None
 
 
 def _hidden(text):
@@ -60,32 +71,52 @@ def _hidden(text):
     try:
         sizes = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 16 or 50,50, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 16 or 50,50, got {text!r}") from None
     if not sizes or any(s <= 0 for s in sizes):
         raise argparse.ArgumentTypeError(f"hidden sizes must be positive, got {text!r}")
     return sizes
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds "(default: ...)" where there is a default worth saying and the help does not
+    already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or "default" in text:
+            return text
+        default = action.default
+        if isinstance(default, list):
+            default = ",".join(map(str, default)) or "0"
+        elif isinstance(default, float):
+            default = f"{default:.4g}"
+        return f"{text} (default: {default})" if text else f"default: {default}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyro-bbb", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command")
     c = sub.add_parser(
         "compare",
         help="fit BBB and an HMC reference on one model; write a report",
         description="Fit Bayes by Backprop and an HMC reference (ChEES-HMC, or Pyro's NUTS) on the "
         "same model and priors, then compare them in function space (and weight space where identifiable).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     d = c.add_argument_group("data")
     d.add_argument("--dataset", default="curve", choices=["curve", "diabetes", "breast_cancer", "uci"],
-                   help="'uci' reads --data-dir in the standard UCI split layout")
-    d.add_argument("--data-dir", type=Path, help="a UCI dataset folder (data.txt, index_*.txt)")
+                   help="the paper's regression curve, a scikit-learn set, or 'uci' (reads --data-dir)")
+    d.add_argument("--data-dir", type=Path,
+                   help="a UCI dataset folder in the standard split layout (data.txt, index_*.txt); "
+                   "needed by --dataset uci, no default")
     d.add_argument("--split", type=_nonnegative_int, default=0, help="UCI split index")
     d.add_argument("--num-data", type=_positive_int, default=100, help="points on the regression curve")
     m = c.add_argument_group("model")
     m.add_argument("--hidden", type=_hidden, default=[16], help="hidden layer sizes, e.g. 16 or 50,50; 0 for none")
-    m.add_argument("--activation", default="relu", choices=["relu", "tanh"])
-    m.add_argument("--prior", default="gaussian", choices=["gaussian", "mixture"])
+    m.add_argument("--activation", default="relu", choices=["relu", "tanh"], help="hidden-layer activation")
+    m.add_argument("--prior", default="gaussian", choices=["gaussian", "mixture"],
+                   help="N(0, prior-sigma^2) on every weight, or the paper's scale mixture")
     m.add_argument("--prior-sigma", type=_positive_float, default=1.0, help="std of the Gaussian prior")
     m.add_argument("--pi", type=_probability, default=0.5, help="mixture weight of the wide component")
     m.add_argument("--sigma1", type=_positive_float, default=1.0, help="wide component std")
@@ -94,26 +125,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="regression noise std, or 'learned' (LogNormal(0, 1) prior); "
                    "default 0.1 on the curve, 'learned' on standardized data sets")
     b = c.add_argument_group("Bayes by Backprop")
-    b.add_argument("--epochs", type=_positive_int, default=1500)
-    b.add_argument("--lr", type=_positive_float, default=0.01)
-    b.add_argument("--batch-size", type=_positive_int, default=None, help="default: full batch")
+    b.add_argument("--epochs", type=_positive_int, default=1500, help="passes over the training data")
+    b.add_argument("--lr", type=_positive_float, default=0.01, help="Adam's learning rate")
+    b.add_argument("--batch-size", type=_positive_int, default=None, help="minibatch size (default: full batch)")
     b.add_argument("--particles", type=_positive_int, default=8, help="weight samples per step")
-    b.add_argument("--kl", default="analytic", choices=["analytic", "mc"])
-    b.add_argument("--kl-weighting", default="uniform", choices=["uniform", "blundell"])
+    b.add_argument("--kl", default="analytic", choices=["analytic", "mc"],
+                   help="closed-form KL where the prior has one, or the paper's Monte Carlo estimate")
+    b.add_argument("--kl-weighting", default="uniform", choices=["uniform", "blundell"],
+                   help="KL weight per minibatch: 1/M, or the paper's 2^(M-i)/(2^M-1)")
     b.add_argument("--vi-samples", type=_positive_int, default=1000, help="draws from q for the report")
     h = c.add_argument_group("HMC reference")
     h.add_argument("--reference", default="hmc", choices=["hmc", "nuts"],
                    help="hmc: pyro_bbb's ChEES-HMC, many chains in lockstep; nuts: Pyro's NUTS")
-    h.add_argument("--warmup", type=_nonnegative_int, default=200)
-    h.add_argument("--samples", type=_positive_int, default=None, help="per chain (default: hmc 100, nuts 200)")
+    h.add_argument("--warmup", type=_nonnegative_int, default=None,
+                   help="warmup iterations per chain (default: hmc 200, nuts 200)")
+    h.add_argument("--samples", type=_positive_int, default=None, help="draws per chain (default: hmc 100, nuts 200)")
     h.add_argument("--chains", type=_positive_int, default=None,
-                   help="default: hmc 32 (in lockstep), nuts 2 (one after another)")
+                   help="number of chains (default: hmc 32, in lockstep; nuts 2, one after another)")
     h.add_argument("--max-tree-depth", type=_positive_int, default=7,
                    help="nuts: caps each trajectory at 2^depth - 1 leapfrog steps (~1.5 ms a step)")
-    h.add_argument("--target-accept", type=_probability, default=None, help="default: hmc 0.65, nuts 0.8")
+    h.add_argument("--target-accept", type=_probability, default=None, help="target acceptance probability (default: hmc 0.65, nuts 0.8)")
     o = c.add_argument_group("run")
-    o.add_argument("--seed", type=int, default=0)
-    o.add_argument("--out", type=Path, default=Path("out"), help="report folder (replaced atomically)")
+    o.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of data, training and sampling")
+    o.add_argument("--out", type=Path, default=Path("out"),
+                   help="report folder: a new or empty folder, or a report folder pyro-bbb wrote, "
+                   "which is replaced atomically; nothing else is ever replaced")
+    o.add_argument("--force", action="store_true",
+                   help="replace a previous report folder even if files were added to it "
+                   "(never a folder pyro-bbb did not write)")
     o.add_argument("--threads", type=_positive_int, default=1,
                    help="torch CPU threads; one is fastest for networks this small")
     o.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -144,8 +183,57 @@ def _network(in_features, hidden, out_features, activation):
     return torch.nn.Sequential(*layers)
 
 
-def run_compare(args) -> Path:
+def _model(args, data):
+    """The network, prior and pyro_bbb model the options describe; and the prior in words."""
     import pyro.distributions as dist
+
+    import pyro_bbb as bbb
+
+    if args.prior == "gaussian":
+        prior = dist.Normal(0.0, args.prior_sigma)
+        prior_text = f"Gaussian N(0, {args.prior_sigma:g}^2)"
+    else:
+        prior = bbb.ScaleMixtureNormal(args.pi, args.sigma1, args.sigma2)
+        prior_text = f"scale mixture (pi {args.pi:g}, sigma1 {args.sigma1:.3g}, sigma2 {args.sigma2:.3g})"
+    if data.task == "classification":
+        net = _network(data.x_train.shape[1], args.hidden, data.num_classes, args.activation)
+        return bbb.BayesianClassifier(net, prior=prior), net, prior_text
+    net = _network(data.x_train.shape[1], args.hidden, 1, args.activation)
+    return bbb.BayesianRegressor(net, prior=prior, noise=args.noise), net, prior_text
+
+
+def _reference_settings(args):
+    """Sampler, chains, warmup, draws and target acceptance, with each sampler's defaults."""
+    nuts = args.reference == "nuts"
+    return {
+        "nuts": nuts,
+        "name": "Pyro NUTS" if nuts else "ChEES-HMC",
+        "num_chains": args.chains or (2 if nuts else 32),
+        "warmup_steps": args.warmup if args.warmup is not None else 200,
+        "num_samples": args.samples or (200 if nuts else 100),
+        "target_accept_prob": args.target_accept or (0.8 if nuts else 0.65),
+    }
+
+
+def _run_reference(args, model, data, progress):
+    import pyro_bbb as bbb
+
+    ref = _reference_settings(args)
+    common = dict(num_samples=ref["num_samples"], warmup_steps=ref["warmup_steps"],
+                  num_chains=ref["num_chains"], target_accept_prob=ref["target_accept_prob"],
+                  seed=args.seed, progress=progress)
+    if ref["nuts"]:
+        return bbb.run_nuts(model, data.x_train, data.y_train, max_tree_depth=args.max_tree_depth, **common)
+    return bbb.run_hmc(model, data.x_train, data.y_train, x_test=data.x_test, **common)
+
+
+def run_compare(args, written: list | None = None):
+    """Run the main job the options describe; write the report folder; return the comparison.
+
+    ``written`` gets the report folder's path once it is in place."""
+    from .report import check_out, write_report
+
+    out = check_out(args.out, args.force)  # a refused --out costs nothing
     import torch
 
     import pyro_bbb as bbb
@@ -155,44 +243,22 @@ def run_compare(args) -> Path:
     if args.noise is None:
         args.noise = 0.1 if args.dataset == "curve" else "learned"
     torch.manual_seed(args.seed)
-    if args.prior == "gaussian":
-        prior = dist.Normal(0.0, args.prior_sigma)
-        prior_text = f"Gaussian N(0, {args.prior_sigma:g}^2)"
-    else:
-        prior = bbb.ScaleMixtureNormal(args.pi, args.sigma1, args.sigma2)
-        prior_text = f"scale mixture (pi {args.pi:g}, sigma1 {args.sigma1:.3g}, sigma2 {args.sigma2:.3g})"
-    if data.task == "classification":
-        net = _network(data.x_train.shape[1], args.hidden, data.num_classes, args.activation)
-        model = bbb.BayesianClassifier(net, prior=prior)
-    else:
-        net = _network(data.x_train.shape[1], args.hidden, 1, args.activation)
-        model = bbb.BayesianRegressor(net, prior=prior, noise=args.noise)
+    model, net, prior_text = _model(args, data)
     progress = not args.quiet
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
     say(f"[1/3] Bayes by Backprop: {args.epochs} epochs, {args.particles} particles")
     guide = bbb.BBBGuide(model)
-    t0 = time.perf_counter()
     history = bbb.fit(model, guide, data.x_train, data.y_train, epochs=args.epochs, lr=args.lr,
                       batch_size=args.batch_size, num_particles=args.particles, kl=args.kl,
                       kl_weighting=args.kl_weighting, seed=args.seed, progress=progress)
-    vi_seconds = time.perf_counter() - t0
+    if history.interrupted:  # a partly trained posterior is not what the report would claim
+        raise KeyboardInterrupt(f"during Bayes by Backprop (epoch {len(history)} of {args.epochs})")
 
-    nuts = args.reference == "nuts"
-    chains = args.chains or (2 if nuts else 32)
-    samples = args.samples or (200 if nuts else 100)
-    accept = args.target_accept or (0.8 if nuts else 0.65)
-    name = "Pyro NUTS" if nuts else "ChEES-HMC"
-    say(f"[2/3] HMC reference: {name}, {chains} chains x ({args.warmup} warmup + {samples} draws)")
-    if nuts:
-        reference = bbb.run_nuts(model, data.x_train, data.y_train, num_samples=samples,
-                                 warmup_steps=args.warmup, num_chains=chains,
-                                 max_tree_depth=args.max_tree_depth, target_accept_prob=accept,
-                                 seed=args.seed, progress=progress)
-    else:
-        reference = bbb.run_hmc(model, data.x_train, data.y_train, num_samples=samples,
-                                warmup_steps=args.warmup, num_chains=chains, target_accept_prob=accept,
-                                x_test=data.x_test, seed=args.seed, progress=progress)
+    ref = _reference_settings(args)
+    say(f"[2/3] HMC reference: {ref['name']}, {ref['num_chains']} chains x "
+        f"({ref['warmup_steps']} warmup + {ref['num_samples']} draws)")
+    reference = _run_reference(args, model, data, progress)
 
     say("[3/3] InferenceData and comparison")
     common = dict(x_test=data.x_test, y_test=data.y_test, seed=args.seed)
@@ -200,8 +266,14 @@ def run_compare(args) -> Path:
                                num_samples=args.vi_samples, history=history, **common)
     hmc = bbb.to_inference_data(model, reference, data.x_train, data.y_train, **common)
     report = bbb.compare(vi, hmc)
+    settings = _settings(args, data, net, prior_text, history, reference)
+    write_report(out, report, settings, force=args.force, written=written)
+    return report
 
-    settings = {
+
+def _settings(args, data, net, prior_text, history, reference) -> dict:
+    """What the report says about the run (JSON-ready)."""
+    return {
         "command": "pyro-bbb " + " ".join(sys.argv[1:]) if sys.argv and "pyro-bbb" in sys.argv[0] else None,
         "dataset": data.name,
         "task": data.task,
@@ -213,13 +285,12 @@ def run_compare(args) -> Path:
         "noise": args.noise if data.task == "regression" else None,
         "bbb": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                 "particles": args.particles, "kl": args.kl, "kl_weighting": args.kl_weighting,
-                "seconds": round(vi_seconds, 2), "final_elbo": float(history.elbo[-1])},
-        "reference": {"sampler": reference.sampler, **{k: v for k, v in reference.settings.items()},
+                "seconds": round(history.seconds, 2), "final_elbo": float(history.elbo[-1])},
+        "reference": {"sampler": reference.sampler, **dict(reference.settings),
                       "seconds": round(reference.wall_time, 2)},
         "seed": args.seed,
         "versions": _versions(),
     }
-    return _write_report(args.out, report, settings, vi, hmc)
 
 
 def _versions():
@@ -233,107 +304,34 @@ def _versions():
             "arviz": arviz.__version__, "python": sys.version.split()[0]}
 
 
-def _write_report(out: Path, report, settings, vi, hmc) -> Path:
-    """Write everything into a fresh temporary folder beside ``out``, then swap it in:
-    an interrupted run never leaves a folder that looks complete."""
-    out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the report is not
-    try:
-        pictures = [Path(p).name for p in report.plot(tmp)]
-        metrics = {"settings": settings, **report.to_dict()}
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_jsonable))
-        md = _markdown(report, settings, pictures)
-        (tmp / "report.md").write_text(md)
-        (tmp / "report.html").write_text(_html(report, settings, pictures))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _jsonable(value):
-    if isinstance(value, Path):
-        return str(value)
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    return str(value)
-
-
-def _settings_lines(settings):
-    ref = settings["reference"]
-    bbb = settings["bbb"]
-    return [
-        f"- data: {settings['dataset']} ({settings['task']}), {settings['n_train']} training points, "
-        f"{settings['n_test']} test inputs",
-        f"- model: {settings['network']} network, prior {settings['prior']}"
-        + (f", noise {settings['noise']}" if settings["noise"] is not None else ""),
-        f"- BBB: {bbb['epochs']} epochs, lr {bbb['lr']}, {bbb['particles']} particles, KL {bbb['kl']}, "
-        f"weighting {bbb['kl_weighting']}; {bbb['seconds']} s",
-        f"- reference: {ref['sampler']}, {ref.get('num_chains')} chains x ({ref.get('warmup_steps')} warmup + "
-        f"{ref.get('num_samples')} draws), target acceptance {ref.get('target_accept_prob')}"
-        + (f", max tree depth {ref['max_tree_depth']}" if "max_tree_depth" in ref else "")
-        + (f", at most {ref['max_leapfrog_steps']} leapfrog steps" if "max_leapfrog_steps" in ref else "")
-        + f"; {ref['seconds']} s",
-        f"- seed {settings['seed']}; " + ", ".join(f"{k} {v}" for k, v in settings["versions"].items()),
-    ]
-
-
-def _markdown(report, settings, pictures):
-    lines = ["# BBB vs HMC: comparison report", ""]
-    if settings.get("command"):
-        lines += [f"Command: `{settings['command']}`", ""]
-    lines += _settings_lines(settings) + [""]
-    body = report.to_markdown().splitlines()
-    if body and body[0].startswith("# "):  # the report's own title: ours stands above
-        body = body[1:]
-    lines += body + [""]
-    lines += [f"![{p}]({p})" for p in pictures]
-    return "\n".join(lines) + "\n"
-
-
-def _html(report, settings, pictures):
-    warn = "".join(f"<p class='warn'>{html.escape(w)}</p>" for w in report.warnings)
-    items = "".join(f"<li>{html.escape(s[2:])}</li>" for s in _settings_lines(settings))
-    imgs = "".join(f"<figure><img src='{p}' alt='{p}'><figcaption>{p}</figcaption></figure>" for p in pictures)
-    cmd = f"<p>Command: <code>{html.escape(settings['command'])}</code></p>" if settings.get("command") else ""
-    weights = report.weight_space.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>BBB vs HMC</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}}
-th{{background:#f3f3f3}}.warn{{background:#fff3cd;border:1px solid #e0c060;padding:.6em}}
-img{{max-width:100%}}figure{{display:inline-block;margin:.5em;max-width:48%}}</style></head>
-<body><h1>BBB vs HMC: comparison report</h1>{cmd}<ul>{items}</ul>{warn}
-<h2>Metrics</h2>{report.table.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, na_rep="")}
-<h2>Weight space</h2>{weights}
-<h2>Pictures</h2>{imgs}</body></html>
-"""
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM cleans up as Ctrl-C does
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    written: list[Path] = []
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.command == "compare":
-            out = run_compare(args)
-            print(f"report written to {out}")
+            report = run_compare(args, written)
+            from .report import headline
+
+            print(f"report: {written[0] / 'report.html'}  ({headline(report)})")
     except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"pyro-bbb: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("pyro-bbb: interrupted; no report was written", file=sys.stderr)
+    except KeyboardInterrupt as stop:
+        if written:
+            print(f"pyro-bbb: interrupted after the report was written to {written[0]}", file=sys.stderr)
+        else:
+            reason = f" {stop}" if str(stop) else ""
+            print(f"pyro-bbb: interrupted{reason}; no report was written (a previous one is left as it was)",
+                  file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -3,6 +3,7 @@ import math
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from pyro_bbb import cli
@@ -44,24 +45,33 @@ def test_compare_end_to_end_writes_every_promised_file(tmp_path, reference, samp
     assert metrics["settings"]["reference"]["sampler"] == sampler
     html = (out / "report.html").read_text()
     assert "<img src='predictive_bands.png'" in html and "<table" in html
-    assert not list(tmp_path.glob(".report.partial-*"))  # the temporary folder is gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no temporary folder left
+    last = proc.stdout.strip().splitlines()[-1]
+    assert "report.html" in last and "x the reference's" in last, last
 
 
-def test_interrupted_run_leaves_no_report(tmp_path, monkeypatch):
+def test_interrupted_run_leaves_the_previous_report_and_no_partial_folder(tmp_path, monkeypatch):
+    from pyro_bbb import report as rp
+
     out = tmp_path / "out"
+    rp.write_report(out, _FakeReport(), _SETTINGS)
+    before = (out / "report.md").read_text()
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_markdown", boom)
-    monkeypatch.setattr(cli, "run_compare", lambda args: cli._write_report(args.out, _FakeReport(), _SETTINGS, None, None))
+    monkeypatch.setattr(rp, "to_html", boom)
+    monkeypatch.setattr(cli, "run_compare",
+                        lambda args, written: rp.write_report(args.out, _FakeReport(), _SETTINGS, written=written))
     assert cli.main(["compare", "--out", str(out)]) == 130
-    assert not out.exists()
-    assert not list(tmp_path.iterdir())
+    assert (out / "report.md").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 class _FakeReport:
     warnings = []
+    table = pd.DataFrame({"metric": ["m"], "value": [1.0]})
+    weight_space = pd.DataFrame({"site": ["w"]})
 
     def plot(self, folder):
         (folder / "a.png").write_bytes(b"png")
@@ -70,8 +80,76 @@ class _FakeReport:
     def to_dict(self):
         return {"table": []}
 
+    def to_markdown(self):
+        return "# title\n"
 
-_SETTINGS = {"command": None}
+
+_SETTINGS = {
+    "command": None, "dataset": "toy", "task": "regression", "n_train": 3, "n_test": 2,
+    "network": "1-1", "prior": "N(0, 1)", "noise": 0.1,
+    "bbb": {"epochs": 1, "lr": 0.1, "particles": 1, "kl": "mc", "kl_weighting": "uniform", "seconds": 0.0},
+    "reference": {"sampler": "fake", "num_chains": 1, "warmup_steps": 1, "num_samples": 1,
+                  "target_accept_prob": 0.8, "seconds": 0.0},
+    "seed": 0, "versions": {"python": "3"},
+}
+
+
+@pytest.mark.parametrize("target", [".", "mydata", "README.md"])
+def test_out_that_pyro_bbb_did_not_write_is_refused_before_any_work(tmp_path, monkeypatch, capsys, target):
+    # The user's folder as it was when `--out .` deleted it: a checkout with files in it.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("readme")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "HEAD").write_text("ref")
+    (tmp_path / "mydata").mkdir()
+    (tmp_path / "mydata" / "x.csv").write_text("1,2")
+    before = {str(p): p.read_text() for p in tmp_path.rglob("*") if p.is_file()}
+    monkeypatch.setattr("pyro_bbb.fit", lambda *a, **k: pytest.fail("work started before --out was checked"))
+    assert cli.main(["compare", "--out", target, "--quiet"]) == 2
+    assert "--out" in capsys.readouterr().err
+    assert {str(p): p.read_text() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_help_answers_without_importing_torch_pyro_or_arviz():
+    code = ("import sys, contextlib, io\n"
+            "from pyro_bbb import cli\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n"
+            "    try: cli.main(['compare', '--help'])\n"
+            "    except SystemExit: pass\n"
+            "print(sorted(m for m in ('torch', 'pyro', 'arviz', 'numpy') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_help_names_each_default_once_and_no_private_names(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: None)" not in text and "default: default" not in text
+    assert "(default: 1500)" in text and "(default: out)" in text
+    for argv in (["compare", "--noise", "x"], ["compare", "--epochs", "x"], ["compare", "--seed", "1.5"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert "invalid" not in err and "_" not in err.splitlines()[-1].split(":", 2)[-1], err
+
+
+def test_ctrl_c_during_bbb_writes_no_report(tmp_path, monkeypatch, capsys):
+    import pyro_bbb
+
+    real_fit = pyro_bbb.fit
+
+    def fit_then_interrupted(*args, **kwargs):
+        history = real_fit(*args, **{**kwargs, "epochs": 2})
+        history.interrupted = True  # what fit returns after Ctrl-C
+        return history
+
+    monkeypatch.setattr(pyro_bbb, "fit", fit_then_interrupted)
+    monkeypatch.setattr(pyro_bbb, "run_hmc", lambda *a, **k: pytest.fail("sampled a partly trained model"))
+    out = tmp_path / "out"
+    assert cli.main(["compare", "--out", str(out), "--quiet", "--num-data", "20"]) == 130
+    assert "during Bayes by Backprop" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize(
