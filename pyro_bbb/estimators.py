@@ -563,6 +563,7 @@ class _LeanLoss(nn.Module):
     def _extra_latents(self, latents: dict, kl):
         """Non-weight latents (e.g. a learned noise): few numbers, drawn from q directly."""
         p, lead = self.num_particles, self._lead()
+        self._last = (latents, None, None)  # what culprit() reads if a density raises below
         for name, prior in self.model.extra_priors().items():
             q = self.guide.get_posterior(name)
             value = q.rsample(lead)
@@ -591,19 +592,28 @@ class _LeanLoss(nn.Module):
 
     def diagnose(self) -> str:
         """Name the first site of the last call whose value or term is not finite."""
-        latents, log_lik, kl = self._last
+        return self.culprit() or "no site is non-finite"
+
+    def culprit(self) -> str | None:
+        """The first site of the last call with a non-finite value or term, or with a draw
+        outside its support (a call that raised in a density reaches no terms); None if
+        there is none."""
+        latents, log_lik, kl = getattr(self, "_last", ({}, None, None))
+        supports = {name: prior.support for name, prior in self.model.extra_priors().items()}
         for name, value in latents.items():
             if not torch.isfinite(value).all():
                 return f"site {name!r} has a non-finite value"
+            if name in supports and not supports[name].check(value).all():
+                return f"site {name!r} has a draw outside its support {supports[name]} (it under- or overflowed)"
         for site in self._sites():
             for what, t in (("mu", site.loc), ("rho", site.rho)):
                 if not torch.isfinite(t).all():
                     return f"site {site.name!r} has a non-finite {what}"
-        if not torch.isfinite(torch.as_tensor(kl)):
+        if kl is not None and not torch.isfinite(torch.as_tensor(kl)):
             return "the KL term is not finite"
-        if not torch.isfinite(log_lik):
+        if log_lik is not None and not torch.isfinite(log_lik):
             return "site 'y' has a non-finite log likelihood"
-        return "no site is non-finite"
+        return None
 
 
 class WeightSamplingLoss(_LeanLoss):

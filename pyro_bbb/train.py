@@ -240,7 +240,16 @@ class History:
 
     ``loss`` is the minimized objective (KL weighted for the step), ``kl`` the
     unweighted KL estimate, ``log_likelihood`` the expected log-likelihood scaled
-    to the whole data set; ``elbo = log_likelihood - kl``.
+    to the whole data set; ``elbo = log_likelihood - kl``.  ``interrupted`` is True
+    when Ctrl-C stopped training early, after ``steps`` completed steps (of
+    ``epochs`` x batches asked for); ``seconds`` is the training time.
+
+    Examples
+    --------
+    >>> h = History(epoch=[0, 0], loss=[3.0, 2.0], log_likelihood=[-2.5, -1.5], kl=[0.5, 0.5],
+    ...             kl_weight=[1.0, 1.0], interrupted=True)
+    >>> h.steps, h.to_dict()["interrupted"], h.elbo.tolist()
+    (2, True, [-3.0, -2.0])
     """
 
     epoch: list[int] = field(default_factory=list)
@@ -255,8 +264,13 @@ class History:
     def elbo(self) -> np.ndarray:
         return np.asarray(self.log_likelihood) - np.asarray(self.kl)
 
-    def __len__(self) -> int:
+    @property
+    def steps(self) -> int:
+        """Optimization steps completed (fewer than asked for when ``interrupted``)."""
         return len(self.loss)
+
+    def __len__(self) -> int:
+        return self.steps
 
     def to_dict(self) -> dict:
         return {
@@ -267,6 +281,7 @@ class History:
             "kl_weight": list(self.kl_weight),
             "elbo": self.elbo.tolist(),
             "interrupted": self.interrupted,
+            "steps": self.steps,
             "seconds": self.seconds,
         }
 
@@ -332,21 +347,34 @@ def fit(
     device : str or torch.device, optional
         Where to train; default: where x lives.  Model, guide and data are moved.
     seed : int, optional
-        Seeds Pyro/torch (weight noise) and the minibatch order.
+        Seeds private generators of the weight noise (torch's CPU generator and the
+        training device's, forked for the run) and of the minibatch order: the same
+        seed repeats the run, and the global random states of torch, ``random`` and
+        numpy are left exactly as they were.  Without a seed both draw from torch's
+        global generator, so ``torch.manual_seed(s)`` before ``fit`` repeats the run.
+        Under ``torch.distributed`` rank 0's seed (or, without one, a draw from its
+        global generator) is used on every rank.
     progress : bool
         Show a progress bar.
 
     Returns
     -------
     History
-        Loss, expected log-likelihood and KL per step.  Ctrl-C stops training
-        after the current step and returns the history so far (``interrupted``).
+        Loss, expected log-likelihood and KL per step.  Ctrl-C during training stops
+        after the current step and returns the history so far, with
+        ``history.interrupted`` True and ``history.steps`` the steps completed (and a
+        warning); the guide keeps what it learned.
 
     Raises
     ------
     NonFiniteLossError
-        When the loss or a gradient is NaN/inf, naming the step and the site or
-        parameter where it first appears.
+        When the loss or a gradient is NaN/inf, or a draw leaves its site's support
+        (a learned noise whose exp underflowed to 0 after a huge step), naming the step
+        and the site or parameter where it first appears.
+    KeyboardInterrupt
+        Ctrl-C before the first step (while the guide is set up): there is no history
+        to return.  The guide is left as it was before ``fit`` (not set up, if ``fit``
+        was setting it up), so a later ``fit`` starts cleanly.
 
     Examples
     --------
@@ -364,7 +392,7 @@ def fit(
     lr = _checks.positive_float("lr", lr)
     if clip_norm is not None:
         clip_norm = _checks.positive_float("clip_norm", clip_norm)
-    device = torch.device(device) if device is not None else None
+    device, seed = _checks.device(device), _checks.seed(seed)
     x, y = _checks.model_data(model, x, y)
     n = x.shape[0]
     batch_size = n if batch_size is None else _checks.positive_int("batch_size", batch_size)
@@ -379,23 +407,29 @@ def fit(
             raise ValueError(f"data: {n} rows cannot be shared by {world} processes")
         seed = _same_seed_everywhere(seed)
         progress = progress and rank == 0
-    if seed is not None:
-        pyro.set_rng_seed(seed)
-    order = torch.Generator().manual_seed(seed if seed is not None else torch.seed())
+    # The minibatch order has its own generator: seeded by `seed`, else by a draw from
+    # torch's global generator, so that torch.manual_seed before fit makes the run repeat.
+    order = torch.Generator().manual_seed(seed if seed is not None else _seed_from_global_generator())
     global_batch = min(batch_size * world, n)
     num_batches = len(_global_batches(torch.arange(n), global_batch, world))
     weights = kl_weights(num_batches, kl_weighting)
+    with _private_noise(seed, x.device):
+        train_step = TrainStep(model, guide, x[:batch_size], y[:batch_size], num_data=n, lr=lr,
+                               num_particles=num_particles, kl=kl, estimator=estimator, clip_norm=clip_norm,
+                               compile=compile)
+        bar = tqdm(total=epochs * len(weights), disable=not progress, desc="BBB", unit="step", leave=False)
+        return _train(train_step, x, y, order, weights, epochs, global_batch, bar)
 
+
+def _train(train_step, x, y, order, weights, epochs, global_batch, bar) -> History:
+    """fit's epochs; Ctrl-C stops after the current step and returns the history so far."""
+    rank, world = _distributed_rank_and_size()
     history = History()
-    train_step = TrainStep(model, guide, x[:batch_size], y[:batch_size], num_data=n, lr=lr,
-                           num_particles=num_particles, kl=kl, estimator=estimator, clip_norm=clip_norm,
-                           compile=compile)
-    bar = tqdm(total=epochs * len(weights), disable=not progress, desc="BBB", unit="step", leave=False)
     start = time.perf_counter()
     step = 0
     try:
         for epoch in range(epochs):
-            perm = torch.randperm(n, generator=order).to(x.device)
+            perm = torch.randperm(x.shape[0], generator=order).to(x.device)
             for i, batch in enumerate(_global_batches(perm, global_batch, world)):
                 # DistributedSampler's split: rank r takes every world-th index of the
                 # epoch's permutation, so the ranks' i-th batches make up global batch i.
@@ -410,7 +444,7 @@ def fit(
                 history.kl_weight.append(kl_scale)
                 step += 1
                 bar.update()
-            if progress:
+            if not bar.disable:
                 bar.set_postfix(loss=f"{value:.4g}", epoch=epoch + 1)
     except KeyboardInterrupt:
         history.interrupted = True
@@ -419,6 +453,30 @@ def fit(
         bar.close()
         history.seconds = time.perf_counter() - start
     return history
+
+
+def _seed_from_global_generator() -> int:
+    return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+
+
+@contextlib.contextmanager
+def _private_noise(seed: int | None, device: torch.device):
+    """With a seed: the weight noise from torch's generators of the CPU and ``device``
+    seeded by it, their global states put back afterwards (no other device's state nor
+    Python's or numpy's is touched).  Without: the global generators, as they are."""
+    if seed is None:
+        yield
+        return
+    accelerator = device.type != "cpu"
+    devices = [device.index if device.index is not None else 0] if accelerator else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if accelerator else None):
+        torch.default_generator.manual_seed(seed)
+        if device.type == "cuda":
+            with torch.cuda.device(devices[0]):
+                torch.cuda.manual_seed(seed)
+        elif accelerator:
+            torch.get_device_module(device.type).manual_seed(seed)
+        yield
 
 
 def _global_batches(perm: Tensor, size: int, world: int = 1) -> list[Tensor]:
@@ -480,9 +538,15 @@ class TrainStep:
                  estimator="weights", clip_norm=None, compile=False):
         self.model, self.guide, self.num_data, self.clip_norm = model, guide, num_data, clip_norm
         self.takes_num_data = _takes_num_data(model)
-        if getattr(guide, "prototype_trace", None) is None:
-            with torch.no_grad():
-                self._call(guide, x0, y0, share=1.0)
+        set_up = getattr(guide, "prototype_trace", None) is None
+        with _undone_on_failure(guide) if set_up else contextlib.nullcontext():
+            if set_up:
+                with torch.no_grad():
+                    self._call(guide, x0, y0, share=1.0)
+            self._build(lr, num_particles, kl, estimator, compile)
+
+    def _build(self, lr, num_particles, kl, estimator, compile):
+        model, guide = self.model, self.guide
         self.loss_fn = make_loss(model, guide, num_particles=num_particles, kl=kl, estimator=estimator,
                                  compile=compile)
         self.params = _unique_parameters(guide, model)
@@ -516,11 +580,11 @@ class TrainStep:
         """One step; returns (loss, (expected log-likelihood, KL)), averaged over processes."""
         try:
             loss = self._call(self.forward_fn, xb, yb, share, kl_scale=kl_scale)
-        except ValueError as err:  # distribution validation of NaN parameters
-            bad = _first_non_finite(self.guide, self.model)
-            if bad is None:
+        except ValueError as err:  # torch's validation of a distribution's arguments or value
+            error = self._non_finite_error(where)
+            if error is None:
                 raise
-            raise NonFiniteLossError(f"parameter {bad!r} is not finite at {where}") from err
+            raise error from err
         terms = self.loss_fn.last_terms
         stats = torch.stack([loss.detach(), terms["log_likelihood"], torch.as_tensor(terms["kl"]).to(loss)])
         if self.world > 1:  # the global objective; and every rank sees a NaN anywhere
@@ -548,6 +612,43 @@ class TrainStep:
             raise NonFiniteLossError(f"gradient of {bad!r} is not finite at {where}; loss was {value}")
         self.optimizer.step()
         return value, (log_lik, kl)
+
+    def _non_finite_error(self, where: str) -> NonFiniteLossError | None:
+        """What a distribution's ValueError in the forward pass means: a NaN parameter, or
+        (lean losses) a draw that left its site's support, e.g. a learned noise whose
+        exp underflowed to 0 after a huge step.  None: neither (a genuine error)."""
+        bad = _first_non_finite(self.guide, self.model)
+        if bad is not None:
+            return NonFiniteLossError(f"parameter {bad!r} is not finite at {where}")
+        culprit = getattr(self.loss_fn, "culprit", None)
+        why = culprit() if culprit is not None else None
+        if why is None:
+            return None
+        return NonFiniteLossError(f"{why} at {where}. Lower lr, set clip_norm, or check the data.")
+
+
+def _attribute_names(module) -> set[str]:
+    names = set(vars(module))
+    if isinstance(module, nn.Module):
+        names.update(n for n, _ in module.named_children())
+        names.update(n for n, _ in module.named_parameters(recurse=False))
+        names.update(n for n, _ in module.named_buffers(recurse=False))
+    return names
+
+
+@contextlib.contextmanager
+def _undone_on_failure(guide):
+    """Run a guide's set-up so that an exception or Ctrl-C inside it leaves the guide not
+    set up (no prototype trace, none of the parameters it had begun to make), instead of
+    half set up with a prototype trace and no parameters, which every later fit trips on."""
+    before = _attribute_names(guide)
+    try:
+        yield
+    except BaseException:
+        for name in _attribute_names(guide) - before:
+            delattr(guide, name)
+        guide.prototype_trace = None
+        raise
 
 
 def _sum_of_gradients(params) -> Tensor:
