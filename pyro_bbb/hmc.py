@@ -32,6 +32,8 @@ import torch
 from pyro.infer.autoguide.initialization import init_to_sample, init_to_value
 from pyro.infer.mcmc import MCMC, NUTS
 
+from . import _checks
+
 __all__ = ["HMCReference", "run_nuts"]
 
 #: Names of the per-draw statistics, in ArviZ's ``sample_stats`` vocabulary.
@@ -356,10 +358,12 @@ def run_nuts(
     Parameters
     ----------
     model : callable
-        A Pyro model ``model(x, y, **model_kwargs)``; ``y`` is observed.  With
-        ``y=None`` a site observed through ``y`` becomes latent and is sampled.
-    x, y : Tensor
-        Inputs and targets.
+        A Pyro model ``model(x, y, **model_kwargs)``; ``y`` is observed.
+    x, y : Tensor or array-like
+        Inputs and targets; ``y`` is required.  For a pyro_bbb model they are
+        validated as in :func:`pyro_bbb.fit`: cast to the weights' dtype, ``x`` in
+        the shape the network reads, ``y`` in the shape of its outputs (a column
+        ``(n, 1)`` for a one-output regressor is read as ``(n,)``).
     num_samples : int, >= 1
         Post-warmup draws per chain.
     warmup_steps : int, >= 0
@@ -470,11 +474,13 @@ def run_nuts(
             f"target_accept_prob must be a number in (0, 1), got {target_accept_prob!r}"
         )
     target_accept_prob = float(target_accept_prob)
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    seed = int(seed)
+    seed = _checks.seed(seed, allow_none=False)
     if not callable(model):
         raise ValueError(f"model must be a callable Pyro model, got {model!r}")
+    if _checks.is_model(model):  # the same data checks as fit and run_hmc
+        x, y = _checks.model_data(model, x, y)
+    elif y is None:
+        raise ValueError("y is required: the reference is the posterior given the targets y")
 
     settings = {
         "num_samples": num_samples,

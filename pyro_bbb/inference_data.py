@@ -35,7 +35,6 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from numbers import Integral
 
 import numpy as np
 import torch
@@ -91,14 +90,6 @@ def _output_dims(value_shape, leading: int, name: str) -> list[str]:
     if extra == 1:
         return [name]
     return [name] + [f"{name}_dim_{i}" for i in range(1, extra)]
-
-
-def _validate_seed(seed):
-    if seed is None:
-        return None
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-    return int(seed)
 
 
 def _rng_devices(device: torch.device) -> list[int]:
@@ -185,7 +176,9 @@ def to_inference_data(
         draws are kept and ``num_samples`` is ignored).
     x, y : array-like
         The training data the posterior was fitted to (for ``posterior_predictive``,
-        ``log_likelihood``, ``observed_data``, ``constant_data`` and BBB's ``lp``).
+        ``log_likelihood``, ``observed_data``, ``constant_data`` and BBB's ``lp``),
+        validated as in :func:`pyro_bbb.fit` (cast to the weights' dtype, shapes the
+        network reads, ``y`` in the shape of its outputs).
     x_test, y_test : array-like, optional
         Inputs at which to store ``predictions`` (network output ``f``, class
         probabilities ``prob`` for classifiers, predictive draws ``y``) and, with
@@ -208,8 +201,10 @@ def to_inference_data(
         ``sample_stats``, ``observed_data``, ``constant_data`` and, with ``x_test``,
         ``predictions`` and ``predictions_constant_data``; see the module docstring
         for variables and dims.  Every group's attrs (and ``idata.attrs``) hold
-        ``inference`` ("bbb" or the sampler's name), ``settings`` (JSON string),
-        ``task`` and ``num_hidden_layers``.
+        ``inference`` ("bbb" or the sampler's name), ``posterior_kind``
+        ("variational" for a guide, "sampler" for a reference: what
+        :func:`pyro_bbb.compare` reads to tell the sides apart), ``settings``
+        (JSON string), ``task`` and ``num_hidden_layers``.
 
     Notes
     -----
@@ -256,7 +251,7 @@ def to_inference_data(
     num_samples = _checks.positive_int("num_samples", num_samples)
     if chunk_size is not None:
         chunk_size = _checks.positive_int("chunk_size", chunk_size)
-    seed = _validate_seed(seed)
+    seed = _checks.seed(seed)
     if history is not None and not hasattr(history, "elbo"):
         raise ValueError(
             f"history must be a pyro_bbb History (from fit) or None, got {type(history).__name__}"
@@ -264,17 +259,19 @@ def to_inference_data(
     ref = next(iter(model.initial_values().values()))
     device, dtype = ref.device, ref.dtype
 
-    def on_device(value):  # validation may run the network (a classifier's class count)
-        return None if value is None else torch.as_tensor(value).to(device)
+    def on_device(name, value):  # validation may run the network (a classifier's class count)
+        return None if value is None else _checks.as_tensor(name, value).to(device)
 
-    x, y = _checks.model_data(model, on_device(x), on_device(y), dtype)
+    x, y = _checks.model_data(model, on_device("x", x), on_device("y", y))
     if y_test is not None and x_test is None:
         raise ValueError("y_test is given without x_test")
     if x_test is not None:
         if y_test is not None:
-            x_test, y_test = _checks.model_data(model, on_device(x_test), on_device(y_test), dtype)
+            x_test, y_test = _checks.model_data(
+                model, on_device("x_test", x_test), on_device("y_test", y_test), names=("x_test", "y_test")
+            )
         else:
-            x_test = _checks.as_inputs(on_device(x_test), dtype)
+            x_test = _checks.inputs(model, on_device("x_test", x_test), "x_test")
         if x_test.shape[1:] != x.shape[1:]:
             raise ValueError(
                 f"x_test must have the same feature shape as x, got {tuple(x_test.shape[1:])} "
@@ -355,6 +352,7 @@ def to_inference_data(
         settings["wall_time"] = float(getattr(posterior, "wall_time", math.nan))
     attrs = {
         "inference": inference,
+        "posterior_kind": "variational" if is_guide else "sampler",
         "settings": json.dumps(settings, default=str, sort_keys=True),
         "task": str(getattr(model, "task", "unknown")),
         "num_hidden_layers": int(model.network.num_hidden_layers),

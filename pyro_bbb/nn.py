@@ -14,7 +14,6 @@ subsampling-aware data plate: ``model(x, y=None, num_data=None)``.
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Iterable, Mapping
 
 import pyro
@@ -25,6 +24,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.func import functional_call, vmap
 
+from . import _checks
 from .priors import PriorSpec, prior_on_device, resolve_prior
 
 __all__ = ["BayesianNetwork", "bayesianize", "BayesianRegressor", "BayesianClassifier"]
@@ -176,6 +176,20 @@ class BayesianNetwork(PyroModule):
         return self.evaluate(self.sample_weights(), x)
 
     @property
+    def input_shape(self) -> tuple | None:
+        """The per-row input shape the first layer reads, ``None`` for a free size:
+        ``(in_features,)`` for a Linear, ``(in_channels, None, ...)`` for a Conv.  None
+        when the network does not start with one (a custom module may reshape first)."""
+        first = self.net
+        while type(first) is nn.Sequential and len(first) > 0:
+            first = first[0]
+        if isinstance(first, nn.Linear) and first.in_features > 0:
+            return (first.in_features,)
+        if isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and first.in_channels > 0:
+            return (first.in_channels,) + (None,) * len(first.kernel_size)
+        return None
+
+    @property
     def num_hidden_layers(self) -> int:
         """Parametrized leaf modules minus one: 0 means the weights are identifiable."""
         owners = {n.rpartition(".")[0] for n in self.site_names}
@@ -245,8 +259,17 @@ class _BayesianModel(PyroModule):
     def likelihood(self, f: Tensor, latents: Mapping[str, Tensor]) -> dist.Distribution:
         raise NotImplementedError
 
-    def check_targets(self, y, n: int) -> Tensor:
-        raise NotImplementedError
+    def target_shape(self, x: Tensor) -> tuple:
+        """The per-row shape of targets for inputs ``x`` (``()``: one scalar per row),
+        read off the network's output on the first row."""
+        ref = next(iter(self.initial_values().values()))
+        with torch.no_grad():
+            f = self.output(self.initial_values(), x[:1].to(device=ref.device, dtype=ref.dtype))
+        return self._target_shape(f.shape[1:])
+
+    def _target_shape(self, output_shape) -> tuple:
+        # Per-row target shape for a per-row output shape (from :meth:`output`).
+        return tuple(output_shape)
 
     # -- the Pyro model ------------------------------------------------------------
     def forward(self, x: Tensor, y: Tensor | None = None, num_data: int | None = None) -> Tensor:
@@ -258,8 +281,16 @@ class _BayesianModel(PyroModule):
         batch = self.network.batch_shape(latents)
         if batch and batch[-1] == 1:
             latents = {k: v.squeeze(len(batch) - 1) for k, v in latents.items()}
+            batch = batch[:-1]
+        x = _checks.as_tensor("x", x)
+        dtype = next(iter(latents.values())).dtype
+        if x.dtype != dtype:  # numpy float64 into a float32 network
+            x = x.to(dtype)
         f = self.output(latents, x)
         n = x.shape[0]
+        if y is not None:  # never a broadcast (n, n) likelihood: y in the shape f calls for
+            row = self._target_shape(f.shape[len(batch) + 1 :])
+            y = _checks.targets(y, n, row, self.task == "classification", f.dtype)
         with pyro.plate("data", size=num_data or n, subsample=torch.arange(n, device=x.device)):
             pyro.sample("y", self.likelihood(f, self._lift(latents, f)), obs=y)
         return f
@@ -338,9 +369,8 @@ class BayesianRegressor(_BayesianModel):
 
     def __init__(self, net, prior=None, *, noise=0.1, noise_prior=None, exclude=()):
         super().__init__(net, prior, exclude)
-        if isinstance(noise, str):
-            if noise != "learned":
-                raise ValueError(f"noise must be a positive float or 'learned', got {noise!r}")
+        noise = _checks.noise_scale(noise)
+        if noise == "learned":
             self._noise_prior = noise_prior or dist.LogNormal(0.0, 1.0)
             if self._noise_prior.support is not dist.constraints.positive:
                 raise ValueError("noise_prior must have positive support (e.g. LogNormal)")
@@ -348,8 +378,6 @@ class BayesianRegressor(_BayesianModel):
                 raise ValueError("the network has a parameter named 'noise'; rename it")
             self.noise = None
         else:
-            if not (isinstance(noise, (int, float)) and math.isfinite(noise) and noise > 0):
-                raise ValueError(f"noise must be a positive float or 'learned', got {noise!r}")
             if noise_prior is not None:
                 raise ValueError("noise_prior is only used with noise='learned'")
             self.noise = float(noise)
@@ -374,15 +402,6 @@ class BayesianRegressor(_BayesianModel):
         self._multi_output = out.shape[-1] != 1
         return out if self._multi_output else out.squeeze(-1)
 
-    def check_targets(self, y, n):
-        y = torch.as_tensor(y)
-        if y.dim() == 2 and y.shape[1] == 1:
-            y = y[:, 0]
-        if y.dim() not in (1, 2):
-            raise ValueError(f"y must have shape (n,) or (n, d), got {tuple(y.shape)}")
-        if not y.is_floating_point():
-            y = y.to(torch.get_default_dtype())
-        return y
 
 
 class BayesianClassifier(_BayesianModel):
@@ -410,21 +429,13 @@ class BayesianClassifier(_BayesianModel):
             return _LabelBernoulli(logits=f.squeeze(-1))
         return dist.Categorical(logits=f)
 
+    def _target_shape(self, output_shape):
+        return ()  # one label per row, whatever the number of logits
+
     def num_classes(self, x: Tensor) -> int:
         with torch.no_grad():
             out = self.network.evaluate(self.network.initial_values(), x[:1])
         return max(2, out.shape[-1])
-
-    def check_targets(self, y, n):
-        y = torch.as_tensor(y)
-        if y.dim() == 2 and y.shape[1] == 1:
-            y = y[:, 0]
-        if y.dim() != 1:
-            raise ValueError(f"y must hold one class label per row, got shape {tuple(y.shape)}")
-        if y.is_floating_point():
-            if not torch.isfinite(y).all() or (y != y.round()).any():
-                raise ValueError("y: class labels must be integers")
-        return y.long()
 
 
 class _LabelBernoulli(dist.Bernoulli):

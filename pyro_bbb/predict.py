@@ -91,7 +91,7 @@ class Prediction:
 
     @property
     def f_std(self) -> Tensor:
-        return self.f.std(0)
+        return _stable_std(self.f)
 
     @property
     def mean(self) -> Tensor:
@@ -99,7 +99,8 @@ class Prediction:
 
     @property
     def std(self) -> Tensor:
-        return self.y.float().std(0)
+        """Std of y over draws (``num_samples`` >= 2), in the draws' floating dtype."""
+        return _stable_std(self.y)
 
     def quantiles(self, qs) -> Tensor:
         """Quantiles of y over draws: shape ``(len(qs), n, ...)``."""
@@ -136,6 +137,19 @@ class Prediction:
         return (self.entropy - self.aleatoric).clamp_min(0)
 
 
+def _stable_std(draws: Tensor) -> Tensor:
+    """Sample std over dim 0 (Bessel-corrected), in the draws' dtype (integer labels:
+    the default dtype).  Deviations are scaled by their largest magnitude before they
+    are squared, so values whose squares overflow (1e20 in float32) still give a
+    finite std."""
+    if not draws.is_floating_point():
+        draws = draws.to(torch.get_default_dtype())
+    deviation = draws - draws.mean(0)
+    scale = deviation.abs().amax(0)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale * (deviation / scale).std(0)
+
+
 def _entropy(p: Tensor) -> Tensor:
     return -(p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny))).sum(-1)
 
@@ -157,13 +171,17 @@ def predict(
     posterior : BBBGuide, HMC reference or dict of draws
         Where the weights come from (see :func:`posterior_draws`).
     x : array-like, (n, ...)
-    num_samples : int, optional
+    num_samples : int >= 2, optional
         Draws from a guide (default 200); an HMC reference gives all its draws
-        by default, or this many, evenly thinned.
+        by default, or this many, evenly thinned.  At least 2, so that ``std``
+        (Bessel-corrected) is defined; a posterior with fewer draws is an error.
     chunk_size : int, optional
         Draws per forward pass (default: 2^14 rows of draws x inputs).
     seed : int, optional
         Seeds the draws (weights and observation noise).
+
+    ``x`` is cast to the dtype of the model's weights (numpy float64 into a float32
+    network is fine) and must have the shape the network's first layer reads.
 
     Examples
     --------
@@ -181,11 +199,17 @@ def predict(
         raise ValueError("predict needs a pyro_bbb model (BayesianRegressor / BayesianClassifier)")
     if num_samples is not None:
         num_samples = _checks.positive_int("num_samples", num_samples)
+        if num_samples < 2:
+            raise ValueError(f"num_samples must be at least 2 (the predictive std needs two draws), got {num_samples}")
+    seed = _checks.seed(seed)
+    ref = next(iter(model.initial_values().values()))
+    x = _checks.inputs(model, x).to(ref.device)
     if seed is not None:
         torch.manual_seed(seed)
-    ref = next(iter(model.initial_values().values()))
-    x = _checks.as_inputs(x, ref.dtype).to(ref.device)
     draws = posterior_draws(posterior, num_samples)
+    total = next(iter(draws.values())).shape[0]
+    if total < 2:
+        raise ValueError(f"num_samples: the posterior gives {total} draw(s); predict needs at least 2")
     draws = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in draws.items()}
     f = batched_outputs(model, draws, x, chunk_size)
     with torch.no_grad():
