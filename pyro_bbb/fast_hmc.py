@@ -832,7 +832,9 @@ def run_hmc(
 
     start_time = time.perf_counter()
     with pyro.validation_enabled(False):
-        potential = Potential(model, x, y)
+        from .mlp_potential import batched_potential  # here: that module imports this one
+
+        potential = batched_potential(model, x, y)  # fused for MLPs, else Potential
         generator = torch.Generator(device=device).manual_seed(seed)
         position = _initial_positions(potential, model, num_chains, num_superchains, seed, device, dtype)
         state = hmc_init(position, potential.value_and_grad)
