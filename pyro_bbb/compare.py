@@ -36,6 +36,8 @@ from scipy.spatial import cKDTree
 from scipy.special import logsumexp
 from scipy.stats import wasserstein_distance
 
+from . import _checks
+
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # arviz 0.23's refactor notice
     import arviz as az
@@ -254,6 +256,8 @@ def compare(vi, hmc, *, in_data=None) -> ComparisonReport:
         From :func:`pyro_bbb.inference_data.to_inference_data` of the same model,
         the same training data and the same ``x_test`` (so both have a
         ``predictions`` group): ``vi`` from the guide, ``hmc`` from the reference.
+        A ValueError says so when their ``observed_data`` / ``constant_data``
+        differ, or when ``hmc`` is a variational posterior (swapped arguments).
     in_data : array of bool, shape (num_test,), optional
         Which test inputs count as "in the data".  Default: those whose distance
         to the nearest training input is at most the largest nearest-neighbour
@@ -305,6 +309,7 @@ def compare(vi, hmc, *, in_data=None) -> ComparisonReport:
     """
     _check_idata("vi", vi)
     _check_idata("hmc", hmc)
+    _checks.comparable_posteriors(vi, hmc)
     task = _attr(vi, "task") or _attr(hmc, "task")
     classifier = task == "classification"
     var = "prob" if classifier else "f"

@@ -781,9 +781,7 @@ def run_hmc(
     warmup_steps = int(warmup_steps)
     target_accept_prob = _check_unit_interval("target_accept_prob", target_accept_prob)
     max_leapfrog_steps = _checks.positive_int("max_leapfrog_steps", max_leapfrog_steps)
-    if isinstance(seed, bool) or not isinstance(seed, Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    seed = int(seed)
+    seed = _checks.seed(seed, allow_none=False)
     if not isinstance(progress, bool):
         raise ValueError(f"progress must be True or False, got {progress!r}")
     if num_superchains is None:
@@ -810,7 +808,7 @@ def run_hmc(
     if x_test is None:
         x_test = x
     else:
-        x_test = _checks.as_inputs(x_test, dtype).to(device)
+        x_test = _checks.inputs(model, x_test, "x_test").to(device)
         if x_test.shape[1:] != x.shape[1:]:
             raise ValueError(
                 f"x_test must have the same feature shape as x, got {tuple(x_test.shape[1:])} "
