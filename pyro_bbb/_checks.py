@@ -267,3 +267,21 @@ def comparable_posteriors(vi, hmc) -> None:
                 f"vi and hmc were fitted to different training data: their {group} {var!r} "
                 f"differ (shapes {a.shape} and {b.shape}); build both from the same x and y"
             )
+
+
+# -- results ---------------------------------------------------------------------------
+def finite_draws(name: str, draws) -> None:
+    """Posterior draws ``{site: tensor}`` must be finite (a diverged fit gives NaN)."""
+    for site, value in draws.items():
+        if not torch.isfinite(torch.as_tensor(value)).all():
+            raise ValueError(f"{name}: the draws of site {site!r} contain NaN or inf")
+
+
+def finite_result(name: str, value, what: str) -> None:
+    """A computed quantity (outputs, log densities) must be finite: a non-finite one
+    comes from data too large for the network's dtype, never a silent NaN."""
+    if not bool(np.isfinite(value.detach().cpu().numpy() if isinstance(value, Tensor) else value).all()):
+        raise ValueError(
+            f"{name}: the {what} is not finite at some draws (inputs or targets too large for "
+            "the network's dtype? standardize them)"
+        )

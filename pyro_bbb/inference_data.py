@@ -62,6 +62,11 @@ _STAT_ALIASES = {
 }
 
 
+#: What each quantity of ``_evaluate`` is, for error messages.
+_QUANTITY = {"y": "predictive draw of y", "log_lik": "pointwise log-likelihood",
+             "prob": "class probability", "f": "network output"}
+
+
 def _is_guide(posterior) -> bool:
     return hasattr(posterior, "sample_posterior") and hasattr(posterior, "log_density")
 
@@ -318,6 +323,7 @@ def to_inference_data(
         def chains(a: np.ndarray) -> np.ndarray:
             return a.reshape((num_chains, num_draws) + a.shape[1:])
 
+        _checks.finite_draws("posterior", draws)
         train = _evaluate(model, draws, x, y, chunk_size, classifier)
         test = (
             _evaluate(model, draws, x_test, y_test, chunk_size, classifier)
@@ -328,6 +334,12 @@ def to_inference_data(
             lp = _log_joint(model, draws, x, y, chunk_size)
             with torch.no_grad():
                 log_q = _numpy(posterior.log_density(draws))
+            _checks.finite_result("x, y", lp, "log joint lp")
+            _checks.finite_result("posterior", log_q, "log density log_q")
+    for key, value in train.items():
+        _checks.finite_result("x, y" if key == "log_lik" else "x", value, _QUANTITY[key])
+    for key, value in (test or {}).items():
+        _checks.finite_result("x_test, y_test" if key == "log_lik" else "x_test", value, _QUANTITY[key])
 
     # -- metadata --------------------------------------------------------------------
     if is_guide:

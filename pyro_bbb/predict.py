@@ -182,6 +182,7 @@ def predict(
 
     ``x`` is cast to the dtype of the model's weights (numpy float64 into a float32
     network is fine) and must have the shape the network's first layer reads.
+    Non-finite draws or outputs are a ValueError, never a silent NaN.
 
     Examples
     --------
@@ -211,7 +212,10 @@ def predict(
     if total < 2:
         raise ValueError(f"num_samples: the posterior gives {total} draw(s); predict needs at least 2")
     draws = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in draws.items()}
+    _checks.finite_draws("posterior", draws)
     f = batched_outputs(model, draws, x, chunk_size)
+    _checks.finite_result("x", f, "network output")
     with torch.no_grad():
         y = model.sample_y(draws, f)
+    _checks.finite_result("x", y, "predictive draw of y")
     return Prediction(f=f, y=y, task=model.task)
