@@ -220,8 +220,8 @@ class BBBGuide(AutoGuide):
     ...     with pyro.plate("data", x.shape[0]):
     ...         return pyro.sample("y", dist.Bernoulli(logits=x @ w), obs=y)
     >>> guide = BBBGuide(model)
-    >>> x = torch.randn(10, 2)
-    >>> guide(x)["w"].shape
+    >>> x, y = torch.randn(10, 2), torch.bernoulli(torch.full((10,), 0.5))
+    >>> guide(x, y)["w"].shape
     torch.Size([2])
     >>> guide.snr()["w"].shape
     torch.Size([2])
