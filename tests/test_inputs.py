@@ -383,3 +383,18 @@ def test_compare_rejects_swapped_arguments(pair):
     del hmc  # two samplers (say NUTS against ChEES-HMC) are a legitimate comparison
     _, ref, _, _ = pair
     assert len(bbb.compare(ref, ref).per_input) == 5
+
+
+def test_non_finite_results_are_value_errors_naming_the_argument():
+    model = bbb.BayesianRegressor(torch.nn.Linear(1, 1), prior=dist.Normal(0.0, 1.0))
+    # 3e38 fits float32 (max 3.4e38); times a weight of 10 it overflows to inf.
+    draws = {"weight": torch.full((3, 1, 1), 10.0), "bias": torch.zeros(3, 1)}
+    with pytest.raises(ValueError, match="x: the network output is not finite"):
+        bbb.predict(model, draws, torch.tensor([[3e38]]))
+    nan_draws = {"weight": torch.full((3, 1, 1), float("nan")), "bias": torch.zeros(3, 1)}
+    with pytest.raises(ValueError, match="posterior: the draws of site 'weight' contain NaN"):
+        bbb.predict(model, nan_draws, torch.ones(2, 1))
+    guide = _fitted(model, _f32(X3[:, :1]), _f32(Y1))
+    with pytest.raises(ValueError, match="x, y: the log joint lp is not finite"):
+        # finite in float32, but squared residuals of 1e30 overflow it
+        bbb.to_inference_data(model, guide, _f32(X3[:, :1]), _f32(Y1) * 1e30, num_samples=5)
