@@ -35,6 +35,8 @@ from pyro.ops.tensor_utils import periodic_repeat
 from torch import Tensor, nn
 from torch.distributions import register_kl
 
+from ._checks import positive_float
+
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 __all__ = ["BBBGuide", "DEFAULT_INIT_SCALE", "SiteScales"]
@@ -238,22 +240,17 @@ class BBBGuide(AutoGuide):
         create_plates=None,
         init_loc=None,
     ):
-        if (
-            isinstance(init_scale, bool)
-            or not isinstance(init_scale, Real)
-            or not math.isfinite(init_scale)
-            or init_scale <= 0
-        ):
-            raise ValueError(f"init_scale must be a finite float > 0, got {init_scale!r}")
+        init_scale = positive_float("init_scale", init_scale)
         if init_loc is not None:
             if init_loc_fn is not None:
-                raise ValueError("init_loc is another name of init_loc_fn: give one of them, not both")
+                raise ValueError("init_loc is another name of init_loc_fn: give one, not both")
             init_loc_fn = init_loc
         if not (init_loc_fn is None or isinstance(init_loc_fn, (Real, dict)) or callable(init_loc_fn)):
             raise ValueError(
-                f"init_loc_fn must be None, a float, a dict or a callable, got {type(init_loc_fn).__name__}"
+                "init_loc_fn must be None, a float, a dict or a callable, "
+                f"got {type(init_loc_fn).__name__}"
             )
-        self.init_scale = float(init_scale)
+        self.init_scale = init_scale
         self.init_loc_fn = init_loc_fn
         self._user_model = (model,)  # a tuple keeps the model out of the guide's submodules
         super().__init__(InitMessenger(self._init_value)(model), create_plates=create_plates)
