@@ -133,7 +133,8 @@ def as_inputs(x, dtype=None, name: str = "x") -> Tensor:
 def inputs(model, x, name: str = "x") -> Tensor:
     """Inputs for ``model``: in its weights' dtype, finite, and of the shape its first
     layer reads (``in_features`` / ``in_channels``) where the network says so."""
-    given = tuple(as_tensor(name, x).shape)
+    x = as_tensor(name, x)
+    given = tuple(x.shape)
     x = as_inputs(x, network_dtype(model), name)
     expected = model.network.input_shape if is_model(model) else None
     if expected is not None:
@@ -169,7 +170,7 @@ def targets(y, n: int, shape: tuple, classification: bool = False, dtype=None, n
         y = y[:, 0]
     if tuple(y.shape) != (n,) + shape:
         if classification:
-            want, why = f"({n},)", "one class label per row"
+            want, why = f"({n},) or ({n}, 1)", "one class label per row"
         elif not shape:
             want, why = f"({n},) or ({n}, 1)", "one target per row: the network has 1 output"
         else:

@@ -222,7 +222,7 @@ def test_classifier_targets_one_label_per_row():
     torch.manual_seed(0)
     model = bbb.BayesianClassifier(torch.nn.Linear(3, 3), prior=dist.Normal(0.0, 1.0))
     labels = np.arange(N) % 3
-    with pytest.raises(ValueError, match=r"y must have shape \(12,\) \(one class label per row\)"):
+    with pytest.raises(ValueError, match=r"y must have shape \(12,\) or \(12, 1\) \(one class label per row\)"):
         bbb.fit(model, bbb.BBBGuide(model), X3, np.stack([labels, labels], 1), epochs=1, progress=False)
     bbb.fit(model, bbb.BBBGuide(model), X3, labels[:, None], epochs=1, progress=False)  # a column is fine
 
