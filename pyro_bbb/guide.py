@@ -369,7 +369,9 @@ class BBBGuide(AutoGuide):
                 if full_size != frame.size:
                     init_loc = periodic_repeat(init_loc, full_size, frame.dim - event_dim)
             init_rho = inverse_softplus(torch.full_like(init_loc, self.init_scale))
-            deep_setattr(loc, name, nn.Parameter(init_loc.contiguous()))
+            # A copy: for a real site the value is the model's own initial tensor (identity transform),
+            # which the optimizer must not move.
+            deep_setattr(loc, name, nn.Parameter(init_loc.clone(memory_format=torch.contiguous_format)))
             deep_setattr(rho, name, nn.Parameter(init_rho))
             self._event_dims[name] = event_dim
             self._transforms[name] = None if _is_real(site["fn"].support) else transform

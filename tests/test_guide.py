@@ -292,3 +292,20 @@ def test_load_state_dict_into_a_guide_that_never_ran_says_what_to_do():
     fresh(x, y)
     fresh.load_state_dict(trained.state_dict())
     torch.testing.assert_close(fresh.median()["w"], trained.median()["w"], rtol=0, atol=0)
+
+
+def test_fit_leaves_the_models_initial_values_as_they_were():
+    # The guide starts at the network's own values; training must move a copy of them, or a
+    # second guide on the same model would start where the first one stopped.
+    import pyro_bbb as bbb
+
+    x, y = bbb.datasets.regression_curve(30, seed=0)
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(1, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    model = bbb.BayesianRegressor(net, prior=dist.Normal(0.0, 1.0), noise=0.1)
+    before = {k: v.clone() for k, v in model.initial_values().items()}
+    guide = bbb.BBBGuide(model)
+    bbb.fit(model, guide, x, y, epochs=20, lr=0.05, seed=0, progress=False)
+    assert any(not torch.equal(guide.locs.get_parameter(k), before[k]) for k in before)  # it trained
+    for name, value in model.initial_values().items():
+        assert torch.equal(value, before[name]), name
