@@ -6,7 +6,8 @@
   ``breast_cancer`` (classification) sets with a seeded train/test split.
 * :func:`load_uci` / :func:`uci_num_splits` -- any folder in the standard UCI
   regression layout (Hernandez-Lobato & Adams 2015; Gal & Ghahramani 2016) with
-  its published splits.
+  its published splits; :func:`load_uci_gap` / :func:`uci_num_gap_splits` -- the
+  "in-between" gap splits of Foong et al. (2019), one per input feature.
 * :func:`conjugate_linear_regression` -- Bayesian linear regression with a
   closed-form posterior and mean-field optimum, an exact reference for VI.
 
@@ -36,10 +37,13 @@ __all__ = [
     "conjugate_linear_regression",
     "curve",
     "curve_function",
+    "gap_split",
     "load_mushroom",
     "load_sklearn",
     "load_uci",
+    "load_uci_gap",
     "regression_curve",
+    "uci_num_gap_splits",
     "uci_num_splits",
 ]
 
@@ -512,6 +516,119 @@ def load_uci(
     train = _read_ints(folder / f"index_train_{split}.txt")
     test = _read_ints(folder / f"index_test_{split}.txt")
     x, y = data[:, features], data[:, target]
+    x_mean, x_std = _moments(x[train])
+    y_mean, y_std = (float(v) for v in _moments(y[train]))
+    x = (x - x_mean) / x_std
+    y = (y - y_mean) / y_std
+    return Dataset(
+        folder.name, "regression",
+        _to_tensor(x[train], dtype), _to_tensor(y[train], dtype),
+        _to_tensor(x[test], dtype), _to_tensor(y[test], dtype),
+        y_mean=y_mean, y_std=y_std,
+    )
+
+
+def _num_features(folder: Path) -> int:
+    return len(_read_ints(folder / "index_features.txt"))
+
+
+def uci_num_gap_splits(name: str | os.PathLike, root: str | os.PathLike | None = None) -> int:
+    """Number of gap splits of a UCI data set: one per input feature.
+
+    ``name`` and ``root`` as in :func:`load_uci`; see :func:`load_uci_gap`.
+
+    Examples
+    --------
+    >>> uci_num_gap_splits("yacht", root="../shared/data/uci")  # doctest: +SKIP
+    6
+    """
+    return _num_features(_uci_folder(name, root))
+
+
+def gap_split(values, fraction: float = 1 / 3) -> tuple[np.ndarray, np.ndarray]:
+    """Train and test rows of a gap split on one feature's ``values``: rows sorted by
+    value (ties in row order), the middle ``fraction`` the test set, the rest training.
+
+    With ``n`` rows the test rows are ranks ``round(n (1 - fraction) / 2)`` to
+    ``n - round(n (1 - fraction) / 2)`` (exclusive), the two outer parts as equal as
+    possible; both index arrays are sorted.
+
+    Examples
+    --------
+    >>> train, test = gap_split([5.0, 1.0, 4.0, 2.0, 3.0, 6.0])
+    >>> train.tolist(), test.tolist()
+    ([0, 1, 3, 5], [2, 4])
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size < 3:
+        raise ValueError(f"values must be one feature of at least 3 rows, got shape {values.shape}")
+    if not (isinstance(fraction, Real) and 0 < fraction < 1):
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction!r}")
+    n = values.size
+    order = np.argsort(values, kind="stable")
+    outer = int(round(n * (1 - fraction) / 2))
+    test = order[outer : n - outer]
+    train = np.concatenate([order[:outer], order[n - outer :]])
+    if test.size == 0 or train.size == 0:
+        raise ValueError(f"fraction={fraction!r} leaves an empty split of {n} rows")
+    return np.sort(train), np.sort(test)
+
+
+def load_uci_gap(
+    name: str | os.PathLike,
+    feature: int = 0,
+    root: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+) -> Dataset:
+    """Load the "in-between" gap split of a UCI data set on one input feature.
+
+    Foong, Li, Hernandez-Lobato & Turner (2019), "'In-Between' Uncertainty in Bayesian
+    Neural Networks" (arXiv 1906.11537): sort all rows of ``data.txt`` on input feature
+    ``feature`` and hold out the middle third as the test set (:func:`gap_split`), so
+    that the test inputs lie in a gap between two training clusters; one split per
+    feature (:func:`uci_num_gap_splits`).  Only ``data.txt``, ``index_features.txt``
+    and ``index_target.txt`` are read.  As in :func:`load_uci`, inputs and target are
+    standardized with the training rows' mean and std (constant features only centred).
+    On a feature with few distinct values (yacht's discrete settings) ties are broken in
+    row order, so the gap may cut through one value.
+
+    Parameters
+    ----------
+    name : str or path-like
+        A folder name under ``root``, or a path to a data set folder, as in :func:`load_uci`.
+    feature : int, default 0
+        Position of the input feature in ``index_features.txt``,
+        ``0 <= feature < uci_num_gap_splits(name, root)``.
+    root : str or path-like, optional
+        Folder holding one sub-folder per data set; default ``PYRO_BBB_UCI_ROOT``.
+    dtype : torch.dtype, default torch.float32
+
+    Returns
+    -------
+    Dataset
+        Task ``"regression"``, ``name`` the folder name.
+
+    Examples
+    --------
+    >>> data = load_uci_gap("yacht", feature=5, root="../shared/data/uci")  # doctest: +SKIP
+    >>> data.x_train.shape, data.x_test.shape  # doctest: +SKIP
+    (torch.Size([206, 6]), torch.Size([102, 6]))
+    """
+    folder = _uci_folder(name, root)
+    num_features = _num_features(folder)
+    if isinstance(feature, bool) or not isinstance(feature, (int, np.integer)) or not (
+        0 <= feature < num_features
+    ):
+        raise ValueError(
+            f"feature must be an integer in [0, {num_features}); {folder.name!r} has "
+            f"{num_features} input features, got feature={feature!r}"
+        )
+    data = np.loadtxt(folder / "data.txt", dtype=np.float64, ndmin=2)
+    features = _read_ints(folder / "index_features.txt")
+    target = int(_read_ints(folder / "index_target.txt")[0])
+    x, y = data[:, features], data[:, target]
+    train, test = gap_split(x[:, feature])
     x_mean, x_std = _moments(x[train])
     y_mean, y_std = (float(v) for v in _moments(y[train]))
     x = (x - x_mean) / x_std

@@ -350,3 +350,91 @@ def test_load_uci_layout_constant_feature(tmp_path):
     assert toy.y_mean == pytest.approx(5.0) and toy.y_std == pytest.approx(np.std([2, 4, 9]))
     with pytest.raises(ValueError, match="1 splits"):
         ds.load_uci(folder, split=1)
+
+
+# ---------------------------------------------------------------- UCI gap splits
+
+
+def write_uci_folder(folder, data, features, target):
+    folder.mkdir()
+    np.savetxt(folder / "data.txt", data)
+    (folder / "index_features.txt").write_text("".join(f"{j}\n" for j in features))
+    (folder / "index_target.txt").write_text(f"{target}\n")
+
+
+def test_load_uci_gap_holds_out_the_middle_third_by_the_feature(tmp_path):
+    # 9 rows; inputs are columns 2 and 0 (in that order), the target column 1.  Sorted on
+    # column 0 the rows are 4 7 1 | 8 0 3 | 6 2 5: the middle three are the test set.
+    col0 = np.array([5.0, 3.0, 8.0, 6.0, 1.0, 9.0, 7.0, 2.0, 4.0])
+    col1 = np.arange(9.0) * 10  # target: row i has target 10 i
+    col2 = np.array([2.0, 7.0, 1.0, 9.0, 3.0, 8.0, 4.0, 6.0, 5.0])
+    data = np.stack([col0, col1, col2], axis=1)
+    folder = tmp_path / "toy"
+    write_uci_folder(folder, data, features=[2, 0], target=1)
+    assert ds.uci_num_gap_splits(folder) == 2
+
+    gap = ds.load_uci_gap(folder, feature=1, dtype=torch.float64)
+    assert gap.name == "toy" and gap.task == "regression"
+    rows = lambda d, y: sorted(int(round(v)) for v in (y.numpy() * d.y_std + d.y_mean) / 10)
+    test_rows, train_rows = rows(gap, gap.y_test), rows(gap, gap.y_train)
+    assert test_rows == [0, 3, 8]
+    assert train_rows == [1, 2, 4, 5, 6, 7]  # the rest: disjoint and complete
+    # Standardized with the training rows' statistics (ddof=0), inputs in file order.
+    train = np.array(train_rows)
+    x_raw = data[:, [2, 0]]
+    mean, std = x_raw[train].mean(0), x_raw[train].std(0)
+    order = np.argsort(gap.y_test.numpy())  # targets increase with the row number
+    np.testing.assert_allclose(gap.x_test.numpy()[order], (x_raw[[0, 3, 8]] - mean) / std)
+    assert gap.y_mean == pytest.approx(data[train, 1].mean())
+    assert gap.y_std == pytest.approx(data[train, 1].std())
+
+    # On the other feature (column 2: rows 2 0 4 | 6 8 7 | 1 5 3) another middle third.
+    other = ds.load_uci_gap(folder, feature=0, dtype=torch.float64)
+    assert rows(other, other.y_test) == [6, 7, 8]
+    with pytest.raises(ValueError, match=r"feature must be an integer in \[0, 2\).*2 input features"):
+        ds.load_uci_gap(folder, feature=2)
+    with pytest.raises(ValueError, match="feature"):
+        ds.load_uci_gap(folder, feature=True)
+
+
+def test_gap_split_ties_and_sizes():
+    train, test = ds.gap_split([1.0, 1.0, 1.0, 1.0, 2.0, 2.0])  # ties: in row order
+    assert test.tolist() == [2, 3] and train.tolist() == [0, 1, 4, 5]
+    for n in (3, 10, 11, 308):
+        train, test = ds.gap_split(np.arange(n)[::-1])
+        assert len(test) == n - 2 * round(n / 3)
+        assert sorted(np.concatenate([train, test]).tolist()) == list(range(n))
+    with pytest.raises(ValueError, match="at least 3 rows"):
+        ds.gap_split([1.0, 2.0])
+    with pytest.raises(ValueError, match="fraction"):
+        ds.gap_split([1.0, 2.0, 3.0], fraction=1.0)
+
+
+@needs_uci
+def test_load_uci_gap_yacht_every_feature():
+    folder = UCI_ROOT / "yacht"
+    raw = np.loadtxt(folder / "data.txt")
+    features = np.loadtxt(folder / "index_features.txt", dtype=int)
+    target = int(np.loadtxt(folder / "index_target.txt"))
+    x_raw, y_raw, n = raw[:, features], raw[:, target], len(raw)
+    assert ds.uci_num_gap_splits("yacht", root=UCI_ROOT) == len(features) == 6
+    third = round(n / 3)
+    for j in range(len(features)):
+        # The rule, written out: rows ranked on feature j (ties in row order), the middle
+        # third held out.
+        ranked = sorted(range(n), key=lambda i: (x_raw[i, j], i))
+        test = np.sort(ranked[third : n - third])
+        train = np.sort(ranked[:third] + ranked[n - third :])
+        # In between: every test value lies between the two training parts.
+        assert x_raw[ranked[:third], j].max() <= x_raw[test, j].min()
+        assert x_raw[test, j].max() <= x_raw[ranked[n - third :], j].min()
+
+        gap = ds.load_uci_gap("yacht", feature=j, root=UCI_ROOT, dtype=torch.float64)
+        mean, std = x_raw[train].mean(0), x_raw[train].std(0)
+        np.testing.assert_allclose(gap.x_train.numpy(), (x_raw[train] - mean) / std, atol=1e-12)
+        np.testing.assert_allclose(gap.x_test.numpy(), (x_raw[test] - mean) / std, atol=1e-12)
+        assert gap.y_mean == pytest.approx(y_raw[train].mean(), rel=1e-12)
+        assert gap.y_std == pytest.approx(y_raw[train].std(), rel=1e-12)
+        np.testing.assert_allclose(gap.y_test.numpy() * gap.y_std + gap.y_mean, y_raw[test], atol=1e-9)
+    with pytest.raises(ValueError, match="6 input features"):
+        ds.load_uci_gap("yacht", feature=6, root=UCI_ROOT)
