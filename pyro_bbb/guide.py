@@ -149,7 +149,7 @@ class SiteScales:
         name = self._path + name
         names = self._names()
         if name in names:
-            return F.softplus(attrgetter(name)(self._guide.rho))
+            return self._guide.site_scale(name)
         if any(n.startswith(name + ".") for n in names):
             return SiteScales(self._guide, name + ".")
         raise KeyError(f"{name!r} is not a site of the guide; its sites are {names}")
@@ -164,7 +164,7 @@ class SiteScales:
 
     def __call__(self) -> dict[str, Tensor]:
         with torch.no_grad():
-            return {n: F.softplus(attrgetter(n)(self._guide.rho)) for n in self._names()}
+            return {n: self._guide.site_scale(n) for n in self._names()}
 
     def __iter__(self):
         return iter(self._names())
@@ -465,6 +465,10 @@ class BBBGuide(AutoGuide):
         """sigma = softplus(rho) of every site, as AutoNormal's ``guide.scales``:
         ``guide.scales.w``; ``guide.scales()`` is the dict of all sites (detached)."""
         return SiteScales(self)
+
+    def site_scale(self, name: str) -> Tensor:
+        """sigma = softplus(rho) of site ``name`` (autograd follows it back to rho)."""
+        return F.softplus(attrgetter(name)(self.rho))
 
     # -- summaries --------------------------------------------------------------------------
     @torch.no_grad()

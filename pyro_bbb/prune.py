@@ -151,7 +151,9 @@ class PrunedBBBGuide(BBBGuide):
         return torch.where(mask, value, torch.zeros((), dtype=value.dtype, device=value.device))
 
     # -- the guide -----------------------------------------------------------------
-    def get_posterior(self, name: str) -> dist.Distribution:
+    def get_posterior(self, name: str | None = None, *args, **kwargs):
+        if not isinstance(name, str):  # every site, as BBBGuide.get_posterior()
+            return super().get_posterior(name, *args, **kwargs)
         mask = self.keep_mask(name)
         if mask is None:
             return super().get_posterior(name)
@@ -159,10 +161,9 @@ class PrunedBBBGuide(BBBGuide):
         return q.to_event(self._event_dims[name])
 
     # -- summaries --------------------------------------------------------------------
-    @torch.no_grad()
-    def scales(self) -> dict[str, Tensor]:
-        """sigma per site, exactly 0 for pruned weights."""
-        return {n: self._apply(v, n) for n, v in super().scales().items()}
+    def site_scale(self, name: str) -> Tensor:
+        """sigma of site ``name``, exactly 0 for pruned weights (also in ``guide.scales``)."""
+        return self._apply(super().site_scale(name), name)
 
     @torch.no_grad()
     def quantiles(self, quantiles, *args, **kwargs) -> dict[str, Tensor]:
@@ -216,19 +217,6 @@ def _ranked_sites(guide: BBBGuide, sites) -> tuple[str, ...]:
     if constrained:
         raise ValueError(f"sites: {constrained} are constrained (not weights) and cannot be pruned")
     return sites
-
-
-def _copy_guide(guide: BBBGuide) -> BBBGuide:
-    # AutoGuide.__getstate__ (used by deepcopy) sets the original's _model to None: keep
-    # it, and share the model (and its wrapped form) between original and copy.
-    saved_model, saved_master = guide._model, guide.master
-    memo = {id(guide._user_model[0]): guide._user_model[0]}
-    try:
-        new = copy.deepcopy(guide, memo)
-    finally:
-        guide._model, guide.master = saved_model, saved_master
-    new._model, new.master = saved_model, None
-    return new
 
 
 def prune(
@@ -327,7 +315,7 @@ def prune(
         keep_flat[order[:k]] = False
         threshold = float(scores[order[k - 1]].clamp_min(0)) if k else 0.0
 
-    target = guide if inplace else _copy_guide(guide)
+    target = guide if inplace else copy.deepcopy(guide)  # new parameters, the same model
     masks, removed, start = {}, {}, 0
     for name, size in zip(sites, sizes):
         loc = target.loc.get_parameter(name)

@@ -1,4 +1,5 @@
 import math
+from operator import attrgetter
 
 import numpy as np
 import pyro
@@ -266,3 +267,24 @@ def test_log_q_and_kl_count_kept_weights_only():
         value = pruned.sample_posterior(1)[name][0]
         lp, lp0 = q.log_prob(value), q0.log_prob(value)
         assert (lp[~keep] == 0).all() and torch.equal(lp[keep], lp0[keep])
+
+
+def test_pruned_guide_reads_like_autonormal_with_zeros_where_pruned():
+    # guide.scales.<site>, guide.scales() and get_posterior() without a name, with the masks.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 1))
+    model = bbb.BayesianRegressor(net, prior=dist.Normal(0.0, 1.0), noise=0.1)
+    guide = bbb.BBBGuide(model, init_scale=0.1)
+    x, y = torch.randn(10, 2), torch.randn(10)
+    guide(x, y)
+    pruned = bbb.prune(guide, fraction=0.5)
+    mask = pruned.keep_mask("0.weight")
+    assert mask is not None and not mask.all() and mask.any()
+    sigma = attrgetter("0.weight")(pruned.scales)
+    assert torch.equal(sigma[~mask], torch.zeros_like(sigma[~mask]))
+    assert torch.allclose(sigma[mask], torch.full_like(sigma[mask], 0.1))
+    assert torch.equal(pruned.scales()["0.weight"], sigma.detach())
+    posteriors = pruned.get_posterior()
+    assert sorted(posteriors) == sorted(guide.get_posterior())
+    draws = posteriors["0.weight"].sample((5,))
+    assert torch.equal(draws[:, ~mask], torch.zeros_like(draws[:, ~mask]))
