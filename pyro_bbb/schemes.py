@@ -33,6 +33,7 @@ import math
 import weakref
 
 import pyro
+import pyro.poutine as poutine
 import torch
 from pyro.infer import SVI, Trace_ELBO
 from pyro.infer.autoguide import (
@@ -43,6 +44,7 @@ from pyro.infer.autoguide import (
     AutoNormal,
 )
 from pyro.infer.autoguide.initialization import init_to_median, init_to_value
+from pyro.ops.hessian import hessian
 from torch import Tensor, nn
 from torch.distributions import biject_to
 from tqdm.auto import tqdm
@@ -281,8 +283,8 @@ def fit_autoguide(model, x, y, kind: str = "fullrank", *, epochs: int = 1000, lr
 # ----------------------------------------------------------------------------
 # Laplace
 # ----------------------------------------------------------------------------
-def laplace(model, x, y, *, epochs: int = 1000, lr: float = 1e-2, seed=None,
-            progress: bool = True) -> AutoMultivariateNormal:
+def laplace(model, x, y, *, epochs: int = 1000, lr: float = 1e-2, jitter: float | None = None,
+            seed=None, progress: bool = True) -> AutoMultivariateNormal:
     """The Laplace approximation (MacKay 1992; for BNNs Ritter et al. 2018): the MAP by
     Pyro's ``AutoLaplaceApproximation`` (Adam on the log joint, in the unconstrained
     space, started at the network's initial weights), then a Gaussian with the inverse
@@ -296,8 +298,12 @@ def laplace(model, x, y, *, epochs: int = 1000, lr: float = 1e-2, seed=None,
 
     Returns an ``AutoMultivariateNormal``.  Raises ``ValueError`` when the Hessian at
     the point found is not positive definite (no Gaussian has it as precision): for a
-    BNN, a saddle point or an unconverged MAP -- train longer, or pick a scheme that
-    needs no Hessian (``fullrank``, ``ensemble``).
+    BNN, a saddle point or an unconverged MAP (common: ReLU networks, flat directions)
+    -- train longer, pass ``jitter``, or pick a scheme that needs no Hessian
+    (``fullrank``, ``ensemble``).  ``jitter``: the precision is ``H + jitter * I``
+    instead (Pyro's traces and Hessian, the same Gaussian otherwise); this is a
+    Gaussian prior of precision ``jitter`` added around the MAP, so it shrinks every
+    variance -- say so when comparing it.
 
     Examples
     --------
@@ -309,12 +315,17 @@ def laplace(model, x, y, *, epochs: int = 1000, lr: float = 1e-2, seed=None,
     >>> guide.get_posterior().covariance_matrix.shape
     torch.Size([2, 2])
     """
+    if jitter is not None:
+        jitter = _checks.positive_float("jitter", jitter)
     x, y = _model_and_data(model, x, y)
     guide = _with_own_param_names(AutoLaplaceApproximation(model, init_loc_fn=_init_at_network(model)))
     _train_svi(model, guide, x, y, epochs=epochs, lr=lr, num_particles=1, seed=seed,
                progress=progress, desc="laplace")
     try:
-        gaussian = guide.laplace_approximation(x, y, num_data=x.shape[0])
+        if jitter is None:
+            gaussian = guide.laplace_approximation(x, y, num_data=x.shape[0])
+        else:
+            gaussian = _jittered_laplace(model, guide, jitter, x, y, num_data=x.shape[0])
     except torch.linalg.LinAlgError as err:  # the inverse or the Cholesky factor failed
         raise _not_positive_definite() from err
     if not torch.isfinite(gaussian.scale_tril).all():  # a negative curvature: sqrt < 0
@@ -322,11 +333,34 @@ def laplace(model, x, y, *, epochs: int = 1000, lr: float = 1e-2, seed=None,
     return gaussian
 
 
+def _jittered_laplace(model, guide, jitter, *args, **kwargs) -> AutoMultivariateNormal:
+    """``guide.laplace_approximation`` with ``jitter * I`` added to the Hessian: the same
+    traces, Pyro's Hessian, and the Gaussian guide built the way Pyro builds it."""
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    loss = guide_trace.log_prob_sum() - model_trace.log_prob_sum()
+    precision = hessian(loss, guide.loc)
+    with torch.no_grad():
+        precision = precision + jitter * torch.eye(precision.shape[0], dtype=precision.dtype,
+                                                   device=precision.device)
+        cov = torch.linalg.inv(precision)
+        scale = cov.diagonal().sqrt()
+        scale_tril = torch.linalg.cholesky(cov / scale[:, None] / scale[None, :])
+    gaussian = _with_own_param_names(AutoMultivariateNormal(model))
+    with torch.no_grad(), poutine.block():
+        gaussian(*args, **kwargs)  # sets up the same latent layout as the Laplace guide
+    for name, value in (("loc", guide.loc.detach()), ("scale", scale), ("scale_tril", scale_tril)):
+        delattr(gaussian, name)
+        gaussian.register_buffer(name, value)
+    return gaussian
+
+
 def _not_positive_definite() -> ValueError:
     return ValueError(
         "laplace: the Hessian of the negative log joint at the MAP found is not positive "
         "definite (a saddle point or an unconverged MAP), so it is no Gaussian's precision; "
-        "train longer (epochs, lr), or use 'fullrank' or 'ensemble'"
+        "train longer (epochs, lr), pass jitter > 0 (precision H + jitter * I), or use "
+        "'fullrank' or 'ensemble'"
     )
 
 

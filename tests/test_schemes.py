@@ -95,6 +95,40 @@ def test_laplace_at_a_saddle_point_raises_a_clear_error():
         schemes.laplace(model, x, x[:, 0], epochs=1, lr=1e-8, progress=False)
 
 
+def test_laplace_jitter_adds_to_the_precision():
+    ref = conjugate()
+    jitter = 2.5
+    guide = schemes.laplace(conjugate_model(ref), ref.x, ref.y, epochs=300, lr=0.05,
+                            jitter=jitter, progress=False)
+    post = guide.get_posterior()
+    # Exact: the covariance is (Lambda + jitter I)^-1 with Lambda the posterior precision;
+    # the mean is still the MAP (to Adam's convergence, as above).
+    expected = torch.linalg.inv(ref.precision + jitter * torch.eye(2, dtype=F64))
+    torch.testing.assert_close(post.covariance_matrix, expected, rtol=1e-8, atol=1e-12)
+    assert ((post.loc - ref.posterior_mean) / ref.exact_std).abs().max() < 1e-3
+    check_sites(guide, conjugate_model(ref), ref.x, ref.y)
+
+
+def test_laplace_jitter_makes_a_saddle_point_usable():
+    # The saddle above: cross terms ~700, so a jitter of 1e3 makes H + jitter I positive
+    # definite, and the Gaussian's precision is exactly that.
+    net = torch.nn.Sequential(torch.nn.Linear(1, 2), torch.nn.Tanh(), torch.nn.Linear(2, 1))
+    for p in net.parameters():
+        torch.nn.init.zeros_(p)
+    model = bbb.BayesianRegressor(net, prior=dist.Normal(0.0, 1.0), noise=0.1)
+    x = torch.linspace(-1, 1, 20)[:, None]
+    guide = schemes.laplace(model, x, x[:, 0], epochs=1, lr=1e-8, jitter=1e3, progress=False)
+    precision = torch.linalg.inv(guide.get_posterior().covariance_matrix.double())
+    assert torch.linalg.eigvalsh(precision).min() > 0
+    # The curvature of the negative log joint at the (near-zero) point, plus the jitter.
+    potential = Potential(model, x, x[:, 0])
+    u = potential.flatten({n: v.unsqueeze(0) for n, v in model.initial_values().items()})[0]
+    h = torch.autograd.functional.hessian(lambda v: -potential.log_density(v[None])[0], u)
+    torch.testing.assert_close(precision.float(), h + 1e3 * torch.eye(len(u)), rtol=1e-3, atol=1e-2)
+    with pytest.raises(ValueError, match="jitter"):
+        schemes.laplace(model, x, x[:, 0], epochs=1, lr=1e-8, jitter=-1.0, progress=False)
+
+
 # ---------------------------------------------------------------- Pyro's AutoGuides
 @pytest.mark.slow
 def test_fullrank_guide_is_near_the_exact_posterior():
