@@ -11,8 +11,8 @@ name            scheme                                                  returns
 bbb             Bayes by Backprop (Blundell et al. 2015), :func:`bbb`   BBBGuide
 bbb-mixture     the same, the model built with a ScaleMixtureNormal     BBBGuide
 diagonal        mean-field Gaussian by Pyro's SVI (AutoNormal)          AutoNormal
-lowrank         low-rank plus diagonal Gaussian (Rezende-style)         AutoLowRank...Normal
-fullrank        full-covariance Gaussian                                AutoMultivariateNormal
+lowrank         low-rank plus diagonal Gaussian (Ong et al. 2018)       AutoLowRank...Normal
+fullrank        full-covariance Gaussian (Kucukelbir et al. 2017)       AutoMultivariateNormal
 flow            inverse autoregressive flow (Kingma et al. 2016)        AutoIAFNormal
 laplace         Laplace approximation at the MAP (MacKay 1992)          AutoMultivariateNormal
 ensemble        deep ensemble of MAP fits (Lakshminarayanan 2017)       draws (1, K, ...)
@@ -243,9 +243,11 @@ def fit_autoguide(model, x, y, kind: str = "fullrank", *, epochs: int = 1000, lr
 
     ``kind``: ``"diagonal"`` (``AutoNormal``, mean-field), ``"lowrank"``
     (``AutoLowRankMultivariateNormal``, covariance ``W W^T + D`` with ``rank`` columns,
-    Pyro's default ``sqrt(dim)`` if None), ``"fullrank"`` (``AutoMultivariateNormal``)
+    Pyro's default ``sqrt(dim)`` if None; Ong, Nott & Smith 2018), ``"fullrank"``
+    (``AutoMultivariateNormal``, as in ADVI, Kucukelbir et al. 2017, arXiv 1603.00788)
     or ``"flow"`` (``AutoIAFNormal``, an inverse autoregressive flow, Kingma et al.
-    2016, arXiv 1606.04934, with ``num_transforms`` transforms of ``hidden_dims``).
+    2016, arXiv 1606.04934, with ``num_transforms`` transforms whose networks have
+    ``hidden_dims`` units, each at least the number of latent dimensions).
     The Gaussians start at the network's initial weights with std ``init_scale``, as
     :class:`BBBGuide` does, so that a BNN starts near a point estimate; the flow starts
     at its own base ``N(0, I)`` (Pyro's AutoIAFNormal takes no initial location).
