@@ -28,6 +28,7 @@ import os
 import uuid
 import warnings
 from dataclasses import dataclass, field
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +43,34 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # arviz 0.23's refactor notice
     import arviz as az
 
-__all__ = ["ComparisonReport", "compare", "khat_reading", "RHAT_MAX", "ESS_MIN", "PARETO_K_MAX"]
+__all__ = ["ComparisonReport", "compare", "khat_reading", "rhat_passes", "RHAT_MAX", "ESS_MIN",
+           "PARETO_K_MAX"]
 
-#: Convergence thresholds for the reference (Vehtari et al. 2021).
+#: Convergence thresholds for the reference (Vehtari et al. 2021): R-hat on f(x*),
+#: read as printed (see rhat_passes), and bulk and tail ESS at every test input.
 RHAT_MAX = 1.01
-ESS_MIN = 100
+ESS_MIN = 400
+#: Digits R-hat is printed with in messages; the verdict rounds that printed value.
+RHAT_PRINT_DIGITS = 4
 #: Pareto k above which PSIS (LOO or the VI diagnostic) is unreliable.
 PARETO_K_MAX = 0.7
+
+
+def rhat_passes(rhat: float) -> bool:
+    """Whether an R-hat passes :data:`RHAT_MAX` as it is read: the value printed with
+    :data:`RHAT_PRINT_DIGITS` decimals, rounded half up to the threshold's 2 decimals
+    (decimal arithmetic, so 1.0150 reads 1.02 although the binary float 1.015 lies
+    just below it).  A value shown as 1.01 passes; NaN (too few draws) fails.
+
+    >>> rhat_passes(1.0101), rhat_passes(1.0149), rhat_passes(1.0150), rhat_passes(float("nan"))
+    (True, True, False, False)
+    """
+    rhat = float(rhat)
+    if not math.isfinite(rhat):
+        return False
+    printed = Decimal(f"{rhat:.{RHAT_PRINT_DIGITS}f}")
+    return printed.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP) <= Decimal(str(RHAT_MAX))
+
 
 IDENTIFIABLE_NOTE = "meaningful: no hidden layer, the weights are identifiable"
 NOT_IDENTIFIABLE_NOTE = "not identifiable: units permute and flip signs; read function space instead"
@@ -628,10 +650,12 @@ def _convergence_rows(hmc, report_warnings):
              note="want 0" if divergences is not None else "no diverging statistic"),
     ]
     problems = []
-    if not (max_rhat <= RHAT_MAX):
-        problems.append(f"max R-hat {max_rhat:.4f} > {RHAT_MAX}")
+    if not rhat_passes(max_rhat):
+        problems.append(f"max R-hat {max_rhat:.{RHAT_PRINT_DIGITS}f} > {RHAT_MAX}")
     if not (min_bulk >= ESS_MIN):
         problems.append(f"min bulk ESS {min_bulk:.0f} < {ESS_MIN}")
+    if not (min_tail >= ESS_MIN):
+        problems.append(f"min tail ESS {min_tail:.0f} < {ESS_MIN}")
     if divergences:
         problems.append(f"{divergences} divergent transition{'s' if divergences > 1 else ''}")
     if problems:

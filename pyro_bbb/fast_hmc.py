@@ -45,7 +45,10 @@ The pieces are small functions in the style of BlackJAX: a kernel (:func:`hmc_in
   ``T`` restarts at 1 after the first window (unit marginal scales in the new
   metric) and carries over after later ones (see :func:`warmup_end_window`).
 
-Chains start from prior draws (as :func:`pyro_bbb.hmc.run_nuts` does).  The result
+The windows, the buffers and where each window's draws are collected come from one
+function, :func:`warmup_schedule`, driven by :func:`warmup`, which tracks how many
+windows have closed.  Chains start from prior draws (as :func:`pyro_bbb.hmc.run_nuts`
+does) or, with ``init="map"``, from short MAP fits of those draws.  The result
 is an :class:`~pyro_bbb.hmc.HMCReference` (:class:`ChEESReference`) with the same
 site names as ``run_nuts``, so :func:`pyro_bbb.to_inference_data` and ``compare``
 take it unchanged, plus convergence ``diagnostics`` read on the network output
@@ -71,6 +74,7 @@ from torch.distributions import biject_to
 from tqdm.auto import tqdm
 
 from . import _checks
+from .compare import ESS_MIN, rhat_passes
 from .hmc import HMCReference
 
 with warnings.catch_warnings():
@@ -84,12 +88,22 @@ __all__ = [
     "Potential",
     "hmc_init",
     "hmc_step",
+    "WarmupSchedule",
+    "map_fit",
     "nested_rhat",
+    "reference_converged",
     "run_hmc",
+    "warmup",
+    "warmup_schedule",
 ]
 
 #: Energy error above which a transition counts as divergent (Stan's and Pyro's value).
 DIVERGENCE_THRESHOLD = 1000.0
+#: Where chains start: prior draws, or short MAP fits from prior draws (see run_hmc).
+INIT_STRATEGIES = ("prior", "map")
+#: Per-draw sample statistics, each (chains, draws) in the result.
+SAMPLE_STATS = ("acceptance_rate", "step_size", "n_steps", "trajectory_length", "diverging", "lp",
+                "energy")
 
 
 # ============================================================================
@@ -505,39 +519,122 @@ def welford_inverse_mass(state: WelfordState) -> Tensor:
     return (total / (total + 5.0)) * var + 1e-3 * (5.0 / (total + 5.0))
 
 
-def adaptation_windows(warmup_steps: int) -> list[int]:
-    """Iterations (0-based) after which the mass matrix is updated (Stan's schedule).
+#: Stan's windowed adaptation: initial fast buffer, first slow window, final fast buffer.
+INIT_BUFFER, FIRST_WINDOW, TERM_BUFFER = 75, 25, 50
+#: Under this many warmup iterations there is no mass-matrix adaptation: the final
+#: buffer would leave dual averaging fewer than 10 iterations to settle the step size.
+MIN_ADAPTED_WARMUP = 100
 
-    An initial buffer of 75 iterations and a final buffer of 50 (the step size's last
-    dual averaging in the final metric), slow windows of 25, 50, 100, ... iterations
-    in between (the last stretched to the final buffer); under 150 warmup iterations,
-    where those do not fit, 15% / 10% buffers as Stan does.  Under 100 warmup
-    iterations there is no mass-matrix adaptation: the final buffer would leave dual
-    averaging fewer than 10 iterations to settle the step size for the new metric.
+
+@dataclass(frozen=True)
+class WarmupSchedule:
+    """The one warmup schedule: where each mass-matrix window starts and stops.
+
+    ``windows`` are ``(start, stop)`` pairs of 0-based warmup iterations, ``stop``
+    exclusive, contiguous, none empty.  Iterations before the first window are the
+    initial fast buffer (step size and trajectory length only, far from
+    equilibrium), those after the last the final fast buffer (the step size for the
+    last metric).  The draws of iteration ``i`` feed the window holding ``i``; the
+    metric is updated after the window's last iteration, ``stop - 1``.
+    """
+
+    warmup_steps: int
+    windows: tuple[tuple[int, int], ...]
+
+    @property
+    def init_buffer(self) -> int:
+        return self.windows[0][0] if self.windows else self.warmup_steps
+
+    @property
+    def term_buffer(self) -> int:
+        return self.warmup_steps - self.windows[-1][1] if self.windows else 0
+
+    def window_of(self, iteration: int) -> int | None:
+        """Index of the window holding ``iteration``, or None in a fast buffer."""
+        for k, (start, stop) in enumerate(self.windows):
+            if start <= iteration < stop:
+                return k
+        return None
+
+
+def warmup_schedule(warmup_steps: int) -> WarmupSchedule:
+    """Stan's windowed adaptation for ``warmup_steps`` iterations.
+
+    An initial buffer of 75 iterations and a final buffer of 50, slow windows of
+    25, 50, 100, ... iterations in between, the last stretched to the final buffer
+    when the next one would not fit; under 150 warmup iterations, where those do
+    not fit, 15% / 75% / 10% as Stan does; under :data:`MIN_ADAPTED_WARMUP` no
+    windows at all.
+
+    >>> warmup_schedule(200).windows
+    ((75, 100), (100, 150))
+    >>> warmup_schedule(1000).windows
+    ((75, 100), (100, 150), (150, 250), (250, 450), (450, 950))
+    """
+    if warmup_steps < MIN_ADAPTED_WARMUP:
+        return WarmupSchedule(warmup_steps, ())
+    if warmup_steps >= INIT_BUFFER + FIRST_WINDOW + TERM_BUFFER:
+        init, term = INIT_BUFFER, TERM_BUFFER
+    else:
+        init, term = int(0.15 * warmup_steps), int(0.10 * warmup_steps)
+    slow_end = warmup_steps - term
+    windows, start, size = [], init, FIRST_WINDOW
+    while True:
+        stop = start + size
+        if stop + 2 * size > slow_end:  # the next window would not fit: stretch this one
+            windows.append((start, slow_end))
+            return WarmupSchedule(warmup_steps, tuple(windows))
+        windows.append((start, stop))
+        start, size = stop, 2 * size
+
+
+def adaptation_windows(warmup_steps: int) -> list[int]:
+    """Iterations (0-based) after which the mass matrix is updated: the last
+    iteration of each window of :func:`warmup_schedule`.
 
     >>> adaptation_windows(120)
     [42, 107]
-    >>> adaptation_windows(200)
-    [99, 149]
     >>> adaptation_windows(1000)
     [99, 149, 249, 449, 949]
     """
-    if warmup_steps < 100:
-        return []
-    if warmup_steps >= 75 + 25 + 50:
-        init, term = 75, 50
-    else:
-        init, term = int(0.15 * warmup_steps), int(0.10 * warmup_steps)
-    slow = warmup_steps - init - term
-    ends, start, size = [], init, 25
-    while True:
-        end = start + size
-        if end + 2 * size > init + slow:  # the next window would not fit: stretch this one
-            ends.append(init + slow - 1)
-            break
-        ends.append(end - 1)
-        start, size = end, 2 * size
-    return ends
+    return [stop - 1 for _, stop in warmup_schedule(warmup_steps).windows]
+
+
+#: The first trial step size of the warmup (before the doubling/halving search).
+INITIAL_STEP_SIZE = 0.1
+#: A step size this far below where its search started means no step is small enough:
+#: the potential is flat-out infinite or its scale is absurd (e.g. y of 1e20).
+STEP_SIZE_FLOOR = 1e-10
+
+
+#: Energy errors HMC must resolve are O(1); where |U| times the float epsilon exceeds
+#: this at every start, differences below it are rounding, and acceptance is noise.
+ENERGY_RESOLUTION = 1e3
+
+
+def _check_start(state: HMCState) -> None:
+    """ValueError if no start has a finite potential, or if every start's potential
+    is too large for its dtype to resolve energy errors (e.g. y of 1e20 in float64)."""
+    u = state.potential
+    if not bool(torch.isfinite(u).any()):
+        raise _degenerate("the log density is not finite at any starting point")
+    smallest = float(u[torch.isfinite(u)].abs().min())
+    if smallest * torch.finfo(u.dtype).eps > ENERGY_RESOLUTION:
+        raise _degenerate(f"the log density is {smallest:.3g} in magnitude at every starting "
+                          f"point, beyond what {u.dtype} resolves")
+
+
+def _degenerate(reason: str) -> ValueError:
+    return ValueError(
+        f"the posterior is degenerate for HMC: {reason} (acceptance 0 at any step size). "
+        "Check y and x for extreme values; standardize y (and x) before sampling"
+    )
+
+
+def _check_step_size(step_size: float, reference: float) -> None:
+    if not step_size >= STEP_SIZE_FLOOR * reference:
+        raise _degenerate(f"the step size fell to {step_size:.3g}, below {STEP_SIZE_FLOOR:g} "
+                          f"times its initial {reference:.3g}")
 
 
 def find_step_size(
@@ -550,16 +647,22 @@ def find_step_size(
     max_tries: int = 60,
 ) -> float:
     """Double or halve ``step_size`` until one leapfrog step's mean acceptance crosses
-    ``target`` (Hoffman & Gelman 2014, Algorithm 4; averaged over chains)."""
+    ``target`` (Hoffman & Gelman 2014, Algorithm 4; averaged over chains).
+
+    Raises ``ValueError`` (the posterior is degenerate) if halving goes below
+    :data:`STEP_SIZE_FLOOR` times the starting ``step_size``."""
 
     def accept(eps):
         _, info = hmc_step(state, potential_fn, step_size=eps, inv_mass=inv_mass, n_steps=1,
                            generator=generator)
         return float(torch.nan_to_num(info.acceptance_rate, nan=0.0).mean())
 
+    start = step_size
     direction = 1.0 if accept(step_size) > target else -1.0
     for _ in range(max_tries):
         new = step_size * 2.0**direction
+        if direction < 0:
+            _check_step_size(new, start)
         a = accept(new)
         if (direction > 0 and not a > target) or (direction < 0 and a > target):
             return new if direction < 0 else step_size
@@ -622,6 +725,7 @@ def _f_diagnostics(f: np.ndarray, num_superchains: int) -> dict:
 
         out["max_rhat_f"] = reduce(np.nanmax, out["rhat_f"])
         out["min_ess_bulk_f"] = reduce(np.nanmin, out["ess_bulk_f"])
+        out["min_ess_tail_f"] = reduce(np.nanmin, out["ess_tail_f"])
         out["median_ess_bulk_f"] = reduce(np.nanmedian, out["ess_bulk_f"])
         if num_superchains:
             out["max_nested_rhat_f"] = reduce(np.nanmax, out["nested_rhat_f"])
@@ -642,16 +746,24 @@ class ChEESReference(HMCReference):
         an array over the flattened test points: ``rhat_f`` (rank-normalised split
         R-hat), ``nested_rhat_f`` (nested R-hat over superchains), ``ess_bulk_f``,
         ``ess_tail_f``; and the scalars ``max_rhat_f``, ``max_nested_rhat_f``,
-        ``min_ess_bulk_f``, ``median_ess_bulk_f``, ``divergences``.
+        ``min_ess_bulk_f``, ``min_ess_tail_f``, ``median_ess_bulk_f``, ``divergences``.
     adaptation : dict
         The adapted ``step_size``, ``trajectory_length``, ``inverse_mass_matrix``
         (numpy, per unconstrained coordinate) and the warmup traces
         ``warmup_step_size``, ``warmup_trajectory_length``, ``warmup_n_steps``,
-        ``warmup_acceptance_rate`` (harmonic mean over chains).
+        ``warmup_acceptance_rate`` (harmonic mean over chains), ``warmup_window_draws``
+        (draws behind each mass-matrix update).
+    converged : bool
+        :func:`reference_converged` on the final diagnostics.
+    stop_reason : str
+        ``"num_samples"``, or with ``until_converged`` ``"converged"``,
+        ``"time_limit"`` or ``"max_samples"``.
     """
 
     diagnostics: dict = field(default_factory=dict)
     adaptation: dict = field(default_factory=dict, repr=False)
+    converged: bool = False
+    stop_reason: str = ""
 
 
 # ============================================================================
@@ -673,15 +785,57 @@ def _check_unit_interval(name, value):
     return float(value)
 
 
-def _initial_positions(potential, model, num_chains, num_superchains, seed, device, dtype):
-    """Prior draws in unconstrained space; chains of one superchain share a start."""
+#: Adam steps and rate of the short MAP fits of ``init="map"``: a few hundred steps take
+#: a prior draw into a mode's basin (MILE, ICLR 2025, fits longer; the chains'
+#: warmup does the rest), each coordinate moves at most ~lr per step.
+MAP_STEPS = 300
+MAP_LEARNING_RATE = 0.02
+#: Standard deviation of the jitter (unconstrained coordinates) that spreads the chains
+#: of one superchain around its MAP point.
+MAP_JITTER = 0.01
+
+
+def map_fit(potential: Potential, position: Tensor, steps: int = MAP_STEPS,
+            lr: float = MAP_LEARNING_RATE) -> Tensor:
+    """Short MAP fits of ``-U`` (the log joint plus the log-Jacobian, in unconstrained
+    space) by Adam, all rows of ``position`` (K, D) at once through the batched
+    potential; returns the fitted (K, D).  A row whose potential is not finite gets a
+    zero gradient and stays where it is.
+
+    >>> import torch, pyro.distributions as dist
+    >>> import pyro_bbb as bbb
+    >>> x = torch.linspace(-1, 1, 20)[:, None]
+    >>> model = bbb.BayesianRegressor(torch.nn.Linear(1, 1), prior=dist.Normal(0., 1.), noise=0.1)
+    >>> pot = Potential(model, x, 2 * x[:, 0])
+    >>> map_fit(pot, torch.zeros(2, 2), steps=500, lr=0.05)[:, 0].round(decimals=1)
+    tensor([2., 2.])
+    """
+    u = position.detach().clone()
+    optimizer = torch.optim.Adam([u], lr=lr)
+    for _ in range(steps):
+        _, grad = potential.value_and_grad(u)
+        u.grad = grad
+        optimizer.step()
+    return u.detach()
+
+
+def _initial_positions(potential, model, num_chains, num_superchains, init, seed, generator):
+    """Prior draws in unconstrained space, one per superchain (or chain); with
+    ``init="map"`` each taken to its MAP point by :func:`map_fit`, then jittered by
+    :data:`MAP_JITTER` per chain.  Chains of one superchain share a start."""
     priors = _model_priors(model)
     groups = num_superchains or num_chains
+    device, dtype = potential.x.device, potential.x.dtype
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         values = {n: priors[n].sample((groups,)).to(device=device, dtype=dtype) for n in model.latent_names}
     u = potential.flatten(values)
-    return u.repeat_interleave(num_chains // groups, dim=0)
+    if init == "map":
+        u = map_fit(potential, u)
+    u = u.repeat_interleave(num_chains // groups, dim=0)
+    if init == "map":
+        u = u + MAP_JITTER * torch.randn(u.shape, generator=generator, device=device, dtype=dtype)
+    return u
 
 
 def run_hmc(
@@ -696,6 +850,10 @@ def run_hmc(
     max_leapfrog_steps: int = 1000,
     num_superchains: int | None = None,
     x_test=None,
+    init: str = "prior",
+    until_converged: bool = False,
+    time_limit: float | None = None,
+    max_samples: int | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> ChEESReference:
@@ -732,6 +890,27 @@ def run_hmc(
         (``0``: same).
     x_test : array-like, optional
         Inputs at which ``f(x*)`` is read for the diagnostics (default: ``x``).
+    init : {"prior", "map"}, default "prior"
+        ``"prior"``: each superchain (or chain) starts from a prior draw.  ``"map"``:
+        those draws are first taken to a mode by :data:`MAP_STEPS` Adam steps on the
+        log joint (all at once, :func:`map_fit`), and the chains of a superchain start
+        at its MAP point plus N(0, :data:`MAP_JITTER`\ :sup:`2`) jitter (Izmailov et
+        al. 2021; MILE, ICLR 2025); with superchains, nested R-hat then says whether
+        chains from different modes agree.  The default stays ``"prior"``: on the
+        regression curve both pass the check at the same cost, and prior starts
+        make no assumption that a short fit finds a useful mode.
+    until_converged : bool, default False
+        Keep drawing blocks of ``num_samples`` per chain until
+        :func:`reference_converged` (max R-hat on f(x*) <= 1.01 as printed, bulk and
+        tail ESS >= 400 at every test input) or the budget runs out; needs
+        ``time_limit`` or ``max_samples``.  ``result.converged`` and
+        ``result.stop_reason`` (``"converged"``, ``"time_limit"``, ``"max_samples"``;
+        ``"num_samples"`` for a plain run) say which.
+    time_limit : float, optional
+        Seconds for the whole run; no block starts that the last block's time says
+        would end past it.
+    max_samples : int, optional
+        Cap on the draws per chain.
     seed : int, default 0
         Seeds the prior draws and a private ``torch.Generator``; the global random
         state is left untouched.
@@ -745,8 +924,17 @@ def run_hmc(
         num_samples, *shape)`` on CPU with the site names of ``run_nuts``;
         ``sample_stats`` ``acceptance_rate``, ``step_size``, ``n_steps``,
         ``trajectory_length``, ``diverging``, ``lp``, ``energy``, each ``(chains,
-        draws)``; ``sampler = "pyro_bbb ChEES-HMC"``) plus ``diagnostics`` on f(x*)
-        and ``adaptation``.
+        draws)``; ``sampler = "pyro_bbb ChEES-HMC"``) plus ``diagnostics`` on f(x*),
+        ``adaptation``, ``converged`` and ``stop_reason``.
+
+    Raises
+    ------
+    ValueError
+        For bad arguments, and when the posterior is degenerate for HMC: no start
+        with a finite log density, one too large for its dtype to resolve, the step
+        size collapsing below :data:`STEP_SIZE_FLOOR` times its start, or every
+        transition of the first :data:`MAX_DIVERGENT_START` warmup iterations
+        divergent (standardize y).
 
     Notes
     -----
@@ -815,6 +1003,17 @@ def run_hmc(
                 f"and {tuple(x.shape[1:])}"
             )
 
+    init = _checks.choice("init", init, INIT_STRATEGIES)
+    if not isinstance(until_converged, bool):
+        raise ValueError(f"until_converged must be True or False, got {until_converged!r}")
+    time_limit = None if time_limit is None else _checks.positive_float("time_limit", time_limit)
+    max_samples = None if max_samples is None else _checks.positive_int("max_samples", max_samples)
+    if until_converged and time_limit is None and max_samples is None:
+        raise ValueError("until_converged=True needs a budget: time_limit (seconds) or max_samples")
+    if not until_converged and (time_limit is not None or max_samples is not None):
+        raise ValueError("time_limit and max_samples bound until_converged=True runs; "
+                         "set until_converged=True or leave them None")
+
     settings = {
         "num_chains": num_chains,
         "num_samples": num_samples,
@@ -823,42 +1022,52 @@ def run_hmc(
         "max_leapfrog_steps": max_leapfrog_steps,
         "num_superchains": num_superchains,
         "seed": seed,
-        "init_strategy": "prior draws" + (" shared within superchains" if num_superchains else ""),
+        "init": init,
+        "init_strategy": (f"MAP fits ({MAP_STEPS} Adam steps, lr {MAP_LEARNING_RATE}) from prior "
+                          f"draws, chains jittered by N(0, {MAP_JITTER}^2)" if init == "map" else
+                          "prior draws") + (" shared within superchains" if num_superchains else ""),
+        "until_converged": until_converged,
+        "time_limit": time_limit,
+        "max_samples": max_samples,
         "jitter": "halton",
         "mass_matrix": "diagonal, variance across chains and window draws, Stan windows",
     }
 
     start_time = time.perf_counter()
+    bar = tqdm(total=warmup_steps + num_samples, disable=not progress, desc="warmup", leave=True)
     with pyro.validation_enabled(False):
         from .mlp_potential import batched_potential  # here: that module imports this one
 
         potential = batched_potential(model, x, y)  # fused for MLPs, else Potential
         generator = torch.Generator(device=device).manual_seed(seed)
-        position = _initial_positions(potential, model, num_chains, num_superchains, seed, device, dtype)
-        state = hmc_init(position, potential.value_and_grad)
-        draws, stats, adapted, warm = _sample(
-            state, potential, generator, num_samples, warmup_steps, target_accept_prob,
-            max_leapfrog_steps, progress,
-        )
-        # -- outputs ---------------------------------------------------------------------
-        flat = torch.stack(draws, 1)  # (C, S, D)
-        values, _ = potential.unflatten(flat.reshape(-1, potential.dim))
-        samples = {
-            name: v.reshape((num_chains, num_samples) + tuple(v.shape[1:])).detach().cpu()
-            for name, v in values.items()
-        }
-        with torch.no_grad():
-            from .predict import batched_outputs
-
-            f = batched_outputs(model, values, x_test).reshape(num_chains, num_samples, -1)
+        position = _initial_positions(potential, model, num_chains, num_superchains, init, seed,
+                                      generator)
+        try:
+            state = hmc_init(position, potential.value_and_grad)
+            _check_start(state)
+            state, ws, warm = warmup(state, potential.value_and_grad, generator,
+                                     warmup_steps=warmup_steps, target_accept_prob=target_accept_prob,
+                                     max_leapfrog_steps=max_leapfrog_steps, bar=bar)
+            step_size, length, inv_mass = warmup_final(ws, max_leapfrog_steps)
+            bar.set_description("sample")
+            kernel = dict(step_size=step_size, length=length, inv_mass=inv_mass,
+                          max_leapfrog_steps=max_leapfrog_steps)
+            budget = dict(until_converged=until_converged, time_limit=time_limit,
+                          max_samples=max_samples, start_time=start_time)
+            run = _sample_blocks(state, potential, x_test, generator, kernel, budget, num_samples,
+                                 warmup_steps, num_superchains, bar)
+        finally:
+            bar.close()
     wall_time = time.perf_counter() - start_time
 
-    sample_stats = {k: np.stack(v, 1) for k, v in stats.items()}
-    diagnostics = _f_diagnostics(f.cpu().numpy().astype(np.float64), num_superchains)
+    sample_stats = {k: np.stack(v, 1) for k, v in run["stats"].items()}
+    diagnostics = run["diagnostics"]
     diagnostics["divergences"] = int(sample_stats["diverging"].sum())
+    adapted = {"step_size": step_size, "trajectory_length": length,
+               "inverse_mass_matrix": inv_mass.cpu().numpy()}
     adaptation = {**adapted, **{f"warmup_{k}": np.asarray(v) for k, v in warm.items()}}
     return ChEESReference(
-        samples=samples,
+        samples=run["samples"],
         sample_stats=sample_stats,
         sampler="pyro_bbb ChEES-HMC",
         settings=settings,
@@ -866,7 +1075,99 @@ def run_hmc(
         mcmc=[],
         diagnostics=diagnostics,
         adaptation=adaptation,
+        converged=run["converged"],
+        stop_reason=run["stop_reason"],
     )
+
+
+def _sample_block(state, fn, generator, kernel, first_iteration, num, bar):
+    """``num`` post-warmup transitions with the adapted kernel; positions and stats."""
+    step_size, length, inv_mass = kernel["step_size"], kernel["length"], kernel["inv_mass"]
+    num_chains = state.position.shape[0]
+    draws, stats = [], {k: [] for k in SAMPLE_STATS}
+    for i in range(first_iteration, first_iteration + num):
+        n = num_leapfrog_steps(length, step_size, halton(i + 1), kernel["max_leapfrog_steps"])
+        state, info = hmc_step(state, fn, step_size=step_size, inv_mass=inv_mass, n_steps=n,
+                               generator=generator)
+        draws.append(state.position)
+        stats["acceptance_rate"].append(info.acceptance_rate.cpu().numpy().astype(np.float64))
+        stats["step_size"].append(np.full(num_chains, step_size))
+        stats["n_steps"].append(np.full(num_chains, n, dtype=np.int64))
+        stats["trajectory_length"].append(np.full(num_chains, n * step_size))
+        stats["diverging"].append(info.diverging.cpu().numpy())
+        stats["lp"].append((-state.potential).cpu().numpy().astype(np.float64))
+        stats["energy"].append(info.energy.cpu().numpy().astype(np.float64))
+        accept = _harmonic_mean(info.acceptance_rate, info.diverging)
+        bar.set_postfix(acc=f"{accept:.2f}", step=f"{step_size:.2g}", L=n, refresh=False)
+        bar.update()
+    return state, draws, stats
+
+
+def _sample_blocks(state, potential, x_test, generator, kernel, budget, num_samples,
+                   first_iteration, num_superchains, bar):
+    """Blocks of ``num_samples`` draws per chain; one block unless ``until_converged``,
+    then more until :func:`reference_converged` or the budget says stop (no block is
+    started that would end past ``time_limit``, judged by the last block's time)."""
+    from .predict import batched_outputs
+
+    model, num_chains = potential.model, state.position.shape[0]
+    draws, stats, fs, total = [], {k: [] for k in SAMPLE_STATS}, [], 0
+    size = num_samples
+    while True:
+        block_start = time.perf_counter()
+        state, block, block_stats = _sample_block(state, potential.value_and_grad, generator, kernel,
+                                                  first_iteration + total, size, bar)
+        draws += block
+        for k, v in block_stats.items():
+            stats[k] += v
+        values, _ = potential.unflatten(torch.stack(block, 1).reshape(-1, potential.dim))
+        with torch.no_grad():
+            f = batched_outputs(model, values, x_test).reshape(num_chains, size, -1)
+        fs.append(f.cpu().numpy().astype(np.float64))
+        total += size
+        diagnostics = _f_diagnostics(np.concatenate(fs, 1), num_superchains)
+        converged = reference_converged(diagnostics)
+        stop = _stop_reason(converged, budget, total, time.perf_counter() - block_start)
+        if stop is not None:
+            break
+        if budget["max_samples"] is not None:
+            size = min(num_samples, budget["max_samples"] - total)
+        bar.total += size
+    flat = torch.stack(draws, 1)  # (C, S, D)
+    values, _ = potential.unflatten(flat.reshape(-1, potential.dim))
+    samples = {name: v.reshape((num_chains, total) + tuple(v.shape[1:])).detach().cpu()
+               for name, v in values.items()}
+    return {"samples": samples, "stats": stats, "diagnostics": diagnostics,
+            "converged": converged, "stop_reason": stop}
+
+
+def _stop_reason(converged, budget, total, block_seconds):
+    """Why sampling stops after a block, or None to draw another."""
+    if not budget["until_converged"]:
+        return "num_samples"
+    if converged:
+        return "converged"
+    if budget["max_samples"] is not None and total >= budget["max_samples"]:
+        return "max_samples"
+    elapsed = time.perf_counter() - budget["start_time"]
+    if budget["time_limit"] is not None and elapsed + block_seconds > budget["time_limit"]:
+        return "time_limit"
+    return None
+
+
+def reference_converged(diagnostics: Mapping) -> bool:
+    """The reference check on f(x*): max R-hat passes :data:`~pyro_bbb.compare.RHAT_MAX`
+    as printed (:func:`~pyro_bbb.compare.rhat_passes`) and bulk and tail ESS reach
+    :data:`~pyro_bbb.compare.ESS_MIN` at every test input.  Divergences are reported
+    apart (``diagnostics["divergences"]``): more draws do not remove them.
+
+    >>> reference_converged({"max_rhat_f": 1.0101, "min_ess_bulk_f": 450.0,
+    ...                      "min_ess_tail_f": 410.0})
+    True
+    """
+    return (rhat_passes(diagnostics["max_rhat_f"])
+            and diagnostics["min_ess_bulk_f"] >= ESS_MIN
+            and diagnostics["min_ess_tail_f"] >= ESS_MIN)
 
 
 def _clip_length(length: float, step_size: float, max_steps: int) -> float:
@@ -894,17 +1195,18 @@ class WarmupState(NamedTuple):
     dual_averaging: DualAveragingState
     chees: ChEESState
     welford: WelfordState
+    windows_closed: int  # mass-matrix windows closed so far (0: still the unit metric)
 
 
 def warmup_init(state: HMCState, potential_fn, generator, max_leapfrog_steps) -> WarmupState:
     """Unit mass matrix, a heuristic step size, ``T`` = :data:`INITIAL_STEPS` steps."""
     num_chains, dim = state.position.shape
     inv_mass = torch.ones(dim, dtype=state.position.dtype, device=state.position.device)
-    step_size = find_step_size(state, potential_fn, inv_mass, 0.1, generator)
+    step_size = find_step_size(state, potential_fn, inv_mass, INITIAL_STEP_SIZE, generator)
     length = _clip_length(step_size * INITIAL_STEPS, step_size, max_leapfrog_steps)
     return WarmupState(
         step_size, length, inv_mass, dual_averaging_init(step_size), chees_init(length),
-        welford_init(num_chains, dim, state.position),
+        welford_init(num_chains, dim, state.position), 0,
     )
 
 
@@ -940,13 +1242,13 @@ def warmup_end_window(
     """
     inv_mass = welford_inverse_mass(ws.welford).to(ws.inv_mass.dtype)
     step_size = find_step_size(state, potential_fn, inv_mass, ws.step_size, generator)
-    first = bool(torch.all(ws.inv_mass == 1))
-    length = 1.0 if first else math.exp(ws.chees.log_length_avg)
+    length = 1.0 if ws.windows_closed == 0 else math.exp(ws.chees.log_length_avg)
     length = _clip_length(length, step_size, max_leapfrog_steps)
     num_chains, dim = state.position.shape
     return WarmupState(
         step_size, length, inv_mass, dual_averaging_init(step_size),
         chees_restart(ws.chees, length), welford_init(num_chains, dim, state.position),
+        ws.windows_closed + 1,
     )
 
 
@@ -957,58 +1259,67 @@ def warmup_final(ws: WarmupState, max_leapfrog_steps: int) -> tuple[float, float
     return step_size, length, ws.inv_mass
 
 
-def _sample(state, potential, generator, num_samples, warmup_steps, target_accept_prob,
-            max_leapfrog_steps, progress):
-    """Warmup then sampling; returns draws, stats, adapted values, warmup trace."""
-    fn = potential.value_and_grad
-    num_chains = state.position.shape[0]
-    ws = warmup_init(state, fn, generator, max_leapfrog_steps)
-    windows = adaptation_windows(warmup_steps)
-    window_start = int(0.15 * warmup_steps) if windows else warmup_steps
-    step_size, length, inv_mass = ws.step_size, ws.trajectory_length, ws.inv_mass
-    warm = {"step_size": [], "trajectory_length": [], "n_steps": [], "acceptance_rate": []}
-    names = ("acceptance_rate", "step_size", "n_steps", "trajectory_length", "diverging", "lp", "energy")
-    draws, stats = [], {k: [] for k in names}
+#: Warmup iterations in which every transition of every chain diverged, from the
+#: start, after which the posterior is declared degenerate (a working warmup has
+#: shrunk the step size long before: dual averaging cuts it ~5x per rejection).
+MAX_DIVERGENT_START = 25
 
-    bar = tqdm(total=warmup_steps + num_samples, disable=not progress, desc="warmup", leave=True)
-    try:
-        for i in range(warmup_steps + num_samples):
-            warmup = i < warmup_steps
-            if warmup:
-                step_size, length, inv_mass = ws.step_size, ws.trajectory_length, ws.inv_mass
-            elif i == warmup_steps:
-                step_size, length, inv_mass = warmup_final(ws, max_leapfrog_steps)
-                bar.set_description("sample")
-            n = num_leapfrog_steps(length, step_size, halton(i + 1), max_leapfrog_steps)
-            initial = state.position
-            state, info = hmc_step(state, fn, step_size=step_size, inv_mass=inv_mass, n_steps=n,
-                                   generator=generator)
-            accept = _harmonic_mean(info.acceptance_rate, info.diverging)
-            if warmup:
-                for key, value in (("step_size", step_size), ("trajectory_length", length),
-                                   ("n_steps", n), ("acceptance_rate", accept)):
-                    warm[key].append(value)
-                ws = warmup_update(ws, initial, state, info, target_accept_prob=target_accept_prob,
-                                   collect=i >= window_start,
-                                   max_leapfrog_steps=max_leapfrog_steps)
-                if i in windows:
-                    ws = warmup_end_window(ws, state, fn, generator, max_leapfrog_steps)
-            else:
-                draws.append(state.position)
-                stats["acceptance_rate"].append(info.acceptance_rate.cpu().numpy().astype(np.float64))
-                stats["step_size"].append(np.full(num_chains, step_size))
-                stats["n_steps"].append(np.full(num_chains, n, dtype=np.int64))
-                stats["trajectory_length"].append(np.full(num_chains, n * step_size))
-                stats["diverging"].append(info.diverging.cpu().numpy())
-                stats["lp"].append((-state.potential).cpu().numpy().astype(np.float64))
-                stats["energy"].append(info.energy.cpu().numpy().astype(np.float64))
-            bar.set_postfix(acc=f"{accept:.2f}", step=f"{step_size:.2g}", L=n, refresh=False)
+
+def warmup(
+    state: HMCState,
+    potential_fn: Callable,
+    generator: torch.Generator,
+    *,
+    warmup_steps: int,
+    target_accept_prob: float = 0.65,
+    max_leapfrog_steps: int = 1000,
+    bar=None,
+) -> tuple[HMCState, WarmupState, dict]:
+    """Run the warmup of :func:`warmup_schedule` from ``state``; return the last state,
+    the adapted :class:`WarmupState` and a trace of lists: ``step_size``,
+    ``trajectory_length``, ``n_steps``, ``acceptance_rate`` (per iteration) and
+    ``window_draws`` (draws, chains x iterations, behind each mass-matrix update).
+
+    ``potential_fn(u)`` returns ``(U, dU/du)`` for positions ``(C, D)``.  Raises
+    ``ValueError`` when the posterior is degenerate (the step size collapses, or every
+    transition of the first :data:`MAX_DIVERGENT_START` iterations diverged).
+
+    Examples
+    --------
+    >>> pot = lambda u: (0.5 * (u * u).sum(-1), u)            # N(0, I)
+    >>> gen = torch.Generator().manual_seed(0)
+    >>> s0 = hmc_init(torch.randn(4, 2, generator=gen), pot)
+    >>> _, ws, trace = warmup(s0, pot, gen, warmup_steps=200)
+    >>> trace["window_draws"]                                 # 4 chains x 25, x 50
+    [100, 200]
+    """
+    schedule = warmup_schedule(warmup_steps)
+    ws = warmup_init(state, potential_fn, generator, max_leapfrog_steps)
+    initial_step = ws.step_size
+    trace = {"step_size": [], "trajectory_length": [], "n_steps": [], "acceptance_rate": [],
+             "window_draws": []}
+    all_divergent = True
+    for i in range(warmup_steps):
+        n = num_leapfrog_steps(ws.trajectory_length, ws.step_size, halton(i + 1), max_leapfrog_steps)
+        initial = state.position
+        state, info = hmc_step(state, potential_fn, step_size=ws.step_size, inv_mass=ws.inv_mass,
+                               n_steps=n, generator=generator)
+        accept = _harmonic_mean(info.acceptance_rate, info.diverging)
+        for key, value in (("step_size", ws.step_size), ("trajectory_length", ws.trajectory_length),
+                           ("n_steps", n), ("acceptance_rate", accept)):
+            trace[key].append(value)
+        all_divergent = all_divergent and bool(info.diverging.all())
+        if all_divergent and i == MAX_DIVERGENT_START - 1:
+            raise _degenerate(f"every transition of the first {MAX_DIVERGENT_START} warmup "
+                              "iterations diverged")
+        window = schedule.window_of(i)
+        ws = warmup_update(ws, initial, state, info, target_accept_prob=target_accept_prob,
+                           collect=window is not None, max_leapfrog_steps=max_leapfrog_steps)
+        _check_step_size(ws.step_size, initial_step)
+        if window is not None and i == schedule.windows[window][1] - 1:
+            trace["window_draws"].append(ws.welford.count * state.position.shape[0])
+            ws = warmup_end_window(ws, state, potential_fn, generator, max_leapfrog_steps)
+        if bar is not None:
+            bar.set_postfix(acc=f"{accept:.2f}", step=f"{ws.step_size:.2g}", L=n, refresh=False)
             bar.update()
-    finally:
-        bar.close()
-    adapted = {
-        "step_size": step_size,
-        "trajectory_length": length,
-        "inverse_mass_matrix": inv_mass.cpu().numpy(),
-    }
-    return draws, stats, adapted, warm
+    return state, ws, trace

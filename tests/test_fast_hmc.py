@@ -9,7 +9,9 @@ says how far a *correct* sampler could fall with another seed.
 
 from __future__ import annotations
 
+import importlib
 import math
+import time
 import warnings
 
 import numpy as np
@@ -28,8 +30,14 @@ from pyro_bbb.fast_hmc import (
     halton,
     hmc_init,
     hmc_step,
+    map_fit,
     nested_rhat,
+    reference_converged,
     run_hmc,
+    warmup,
+    warmup_end_window,
+    warmup_init,
+    warmup_schedule,
 )
 from pyro_bbb.hmc import HMCReference, run_nuts
 from pyro_bbb.inference_data import to_inference_data
@@ -237,6 +245,127 @@ def test_nested_rhat():
     assert np.all(np.isfinite(nested_rhat(same[:, :1], 8)))
     with pytest.raises(ValueError, match="num_superchains"):
         nested_rhat(same, 5)
+
+
+# ----------------------------------------------------------------------------
+# 3b. The warmup schedule: one place for windows, every window filled
+# ----------------------------------------------------------------------------
+WARMUP_LENGTHS = [100, 101, 120, 149, 150, 151, 200, 300, 500, 666, 667, 668, 1000, 2000, 5000]
+
+
+@pytest.mark.parametrize("warmup_steps", WARMUP_LENGTHS)
+def test_warmup_schedule_is_stans_windowed_adaptation(warmup_steps):
+    sched = warmup_schedule(warmup_steps)
+    windows = sched.windows
+    assert windows, "100 or more warmup iterations adapt the mass matrix"
+    # Contiguous, none empty, between the two fast buffers.
+    assert all(stop > start for start, stop in windows)
+    assert all(a[1] == b[0] for a, b in zip(windows, windows[1:]))
+    if warmup_steps >= 150:  # Stan's 75 / 25 / 50 with doubling windows
+        assert (sched.init_buffer, sched.term_buffer) == (75, 50)
+        sizes = [stop - start for start, stop in windows]
+        assert sizes[:-1] == [25 * 2**k for k in range(len(sizes) - 1)]
+        assert sizes[-1] >= 25 * 2 ** (len(sizes) - 1)  # the last one stretched
+    else:  # 15% / 75% / 10%
+        assert sched.init_buffer == int(0.15 * warmup_steps)
+        assert sched.term_buffer == int(0.10 * warmup_steps)
+    # The metric updates of adaptation_windows are the windows' last iterations.
+    assert adaptation_windows(warmup_steps) == [stop - 1 for _, stop in windows]
+    assert [sched.window_of(i) for i in range(warmup_steps)].count(None) == (
+        sched.init_buffer + sched.term_buffer)
+
+
+def test_warmup_schedule_short_runs_have_no_windows():
+    assert warmup_schedule(99).windows == () and warmup_schedule(0).windows == ()
+    # Stan's schedule for 1000 iterations: updates after 100, 150, 250, 450, 950 (1-based).
+    assert warmup_schedule(1000).windows == ((75, 100), (100, 150), (150, 250), (250, 450), (450, 950))
+
+
+def _gaussian_potential(scales):
+    """U(u) = |u / scales|^2 / 2: N(0, diag(scales^2)), a potential in closed form."""
+    inv_var = 1.0 / scales**2
+    return lambda u: (0.5 * (u * u * inv_var).sum(-1), u * inv_var)
+
+
+@pytest.mark.parametrize(
+    "warmup_steps", [100, 149, 150, 200, 667, 1000, pytest.param(5000, marks=pytest.mark.slow)])
+def test_warmup_fills_every_window_with_its_draws(warmup_steps):
+    """Driving the warmup loop: each mass-matrix update sees chains x window length
+    draws (an empty window used to give M^-1 = 1e-3 from 667 iterations on), and
+    the adapted M^-1 is the target's variance, not the regulariser's 1e-3."""
+    scales = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    pot = _gaussian_potential(scales)
+    gen = torch.Generator().manual_seed(0)
+    chains = 4
+    state = hmc_init(torch.randn(chains, 2, generator=gen, dtype=torch.float64), pot)
+    _, ws, trace = warmup(state, pot, gen, warmup_steps=warmup_steps, max_leapfrog_steps=2)
+    windows = warmup_schedule(warmup_steps).windows
+    assert trace["window_draws"] == [chains * (stop - start) for start, stop in windows]
+    assert ws.windows_closed == len(windows)
+    assert len(trace["n_steps"]) == warmup_steps
+    # The last window holds >= 100 draws (4 chains x >= 25); with at most 2 leapfrog
+    # steps they are autocorrelated, so only the order of magnitude is checked here,
+    # far from an empty window's 1e-3 / 4 = 2.5e-4 (the exact check is the
+    # conjugate-model test below).
+    ratio = ws.inv_mass.numpy() / scales.numpy() ** 2
+    assert np.all((ratio > 0.1) & (ratio < 10)), ratio
+
+
+def test_first_window_is_tracked_not_inferred_from_the_metric():
+    """T restarts at 1 after the first window only -- also when a later window's
+    metric happens to be the unit one."""
+    pot = _gaussian_potential(torch.full((2,), 0.1, dtype=torch.float64))  # step sizes << 1
+    gen = torch.Generator().manual_seed(0)
+    state = hmc_init(0.1 * torch.randn(8, 2, generator=gen, dtype=torch.float64), pot)
+    ws = warmup_init(state, pot, gen, 1000)
+    for _ in range(30):
+        draw = 0.1 * torch.randn(8, 2, generator=gen, dtype=torch.float64)
+        ws = ws._replace(welford=bbb.fast_hmc.welford_update(ws.welford, draw))
+    ws = ws._replace(chees=ws.chees._replace(log_length_avg=math.log(3.0)))
+    first = warmup_end_window(ws, state, pot, gen, 1000)
+    # T = 1 in the new metric (at least one step: the clip to one step size).
+    assert first.trajectory_length == pytest.approx(max(1.0, first.step_size)) < 3.0
+    assert first.windows_closed == 1
+    later = warmup_end_window(ws._replace(windows_closed=1), state, pot, gen, 1000)
+    assert later.trajectory_length == pytest.approx(3.0) and later.windows_closed == 2
+    assert torch.all(ws.inv_mass == 1)  # the unit metric that used to mean "first window"
+    assert later.inv_mass.numpy() == pytest.approx(0.01, rel=0.5)  # the draws' variance
+
+
+def test_adapted_inverse_mass_is_the_exact_posterior_variance():
+    """Conjugate linear regression with known noise (exact Gaussian posterior
+    N(m, Sigma), strongly correlated features): the adapted diagonal M^-1 is the
+    variance of the last window's draws, whose expectation is diag(Sigma)."""
+    ref = bbb.datasets.conjugate_linear_regression(n=50, d=3, noise=0.5, correlation=0.6, seed=2)
+    mean, precision = ref.posterior_mean, ref.precision
+    pot = lambda u: (0.5 * (((u - mean) @ precision) * (u - mean)).sum(-1), (u - mean) @ precision)
+    gen = torch.Generator().manual_seed(0)
+    chains, warmup_steps = 16, 1000
+    start = mean + torch.randn(chains, 3, generator=gen, dtype=torch.float64)  # prior-like spread
+    state, ws, trace = warmup(hmc_init(start, pot), pot, gen, warmup_steps=warmup_steps)
+    first, stop = warmup_schedule(warmup_steps).windows[-1]  # (450, 950)
+    draws = chains * (stop - first)
+    assert trace["window_draws"][-1] == draws
+    # A sample variance of n_eff Gaussian draws has relative sd sqrt(2 / n_eff).  The
+    # window's draws mix like draws of the adapted kernel (a metric close to the final
+    # one), so n_eff = draws x (bulk ESS per draw) of 200 transitions with the final
+    # kernel; 5 sd for each of 3 coordinates (a 2e-6 chance of a false alarm).
+    step_size, length, inv_mass = bbb.fast_hmc.warmup_final(ws, 1000)
+    sampled = []
+    for i in range(200):
+        n = bbb.fast_hmc.num_leapfrog_steps(length, step_size, halton(i + 1), 1000)
+        state, _ = hmc_step(state, pot, step_size=step_size, inv_mass=inv_mass, n_steps=n, generator=gen)
+        sampled.append(state.position.numpy())
+    w = np.stack(sampled, 1)
+    ess = az.ess(az.convert_to_dataset({"w": w}), method="bulk")["w"].values
+    n_eff = draws * np.minimum(ess / w[..., 0].size, 1.0)
+    tol = 5 * np.sqrt(2 / n_eff)
+    exact = ref.posterior_cov.diagonal().numpy()
+    np.testing.assert_array_less(np.abs(inv_mass.numpy() / exact - 1), tol)
+    assert np.all(tol < 0.2)  # the check means something (n_eff >= 1250)
+    # Correlated features: diag(Sigma) is not 1 / diag(Lambda), which a metric read off
+    # the local curvature would give; the check tells the two apart.
+    assert np.all(np.abs(exact * precision.diagonal().numpy() - 1) > 2 * tol)
 
 
 # ----------------------------------------------------------------------------
@@ -506,3 +635,156 @@ def test_runs_on_the_models_device(tiny):
     model = bbb.BayesianRegressor(tanh_net(3), prior=dist.Normal(0.0, 1.0), noise=0.1).cuda()
     run = run_hmc(model, x, y, num_chains=8, num_samples=10, warmup_steps=20, progress=False)
     assert run.samples["0.weight"].device.type == "cpu"
+
+
+# ----------------------------------------------------------------------------
+# 8. The convergence verdict reads R-hat as it prints it
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("rhat, passes", [(1.0101, True), (1.0149, True), (1.0150, False),
+                                          (1.02, False), (float("nan"), False)])
+def test_reference_verdict_rounds_rhat_as_printed(rhat, passes):
+    diag = {"max_rhat_f": rhat, "min_ess_bulk_f": 1000.0, "min_ess_tail_f": 1000.0}
+    assert reference_converged(diag) is passes
+    assert reference_converged({**diag, "min_ess_tail_f": 399.0}) is False
+    assert reference_converged({**diag, "min_ess_bulk_f": 399.0}) is False
+
+
+@pytest.fixture(scope="module")
+def tiny_idata(tiny):
+    model, x, y = tiny
+    ref = run_hmc(model, x, y, num_chains=4, num_samples=20, warmup_steps=10, progress=False)
+    guide = bbb.BBBGuide(model)
+    guide(x, y)  # set up, unfitted: only the HMC side is read
+    vi = to_inference_data(model, guide, x, y, x_test=x[:3], num_samples=50, seed=0)
+    return vi, to_inference_data(model, ref, x, y, x_test=x[:3])
+
+
+@pytest.mark.parametrize("rhat, shown", [(1.0101, None), (1.0150, "max R-hat 1.0150 > 1.01")])
+def test_compare_verdict_on_the_rhat_boundary(rhat, shown, tiny_idata, monkeypatch):
+    """compare()'s warning: 1.0101 reads 1.01 and passes; 1.0150 fails, printed with
+    4 digits.  ArviZ's R-hat and ESS are replaced by fixed values so that only the
+    verdict is under test."""
+    compare_module = importlib.import_module("pyro_bbb.compare")  # the module, not the function
+
+    fixed = lambda value: (lambda data, **kw: data.isel(chain=0, draw=0) * 0 + value)  # noqa: E731
+    monkeypatch.setattr(compare_module.az, "rhat", fixed(rhat))
+    monkeypatch.setattr(compare_module.az, "ess", fixed(5000.0))
+    vi, hmc = tiny_idata
+    report = compare_module.compare(vi, hmc)
+    verdicts = [w for w in report.warnings if "not converged" in w]
+    if shown is None:
+        assert not any("R-hat" in w for w in verdicts), verdicts
+    else:
+        assert len(verdicts) == 1 and shown in verdicts[0], verdicts
+    row = report.table.query("section == 'hmc convergence' and metric == 'max_rhat'")
+    assert float(row["value"].iloc[0]) == pytest.approx(rhat)
+
+
+# ----------------------------------------------------------------------------
+# 9. Sampling until converged, within a budget
+# ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def conjugate_model():
+    ref = bbb.datasets.conjugate_linear_regression(n=30, d=2, noise=0.5, seed=1)
+    net = torch.nn.Linear(2, 1, bias=False).double()
+    model = bbb.BayesianRegressor(
+        net, prior=dist.Normal(torch.tensor(0.0, dtype=torch.float64), ref.prior_scale), noise=ref.noise)
+    return model, ref
+
+
+def test_until_converged_stops_when_converged(conjugate_model):
+    model, ref = conjugate_model
+    x_test = ref.x[:3]
+    run = run_hmc(model, ref.x, ref.y, num_chains=8, num_samples=40, warmup_steps=100, x_test=x_test,
+                  until_converged=True, max_samples=2000, seed=0, progress=False)
+    d = run.diagnostics
+    assert run.converged and run.stop_reason == "converged"
+    # It stopped at the first block boundary where the check passed, long before the cap.
+    draws = run.samples["weight"].shape[1]
+    assert draws % 40 == 0 and draws < 2000
+    assert reference_converged(d) and d["min_ess_bulk_f"] >= 400 and d["min_ess_tail_f"] >= 400
+    assert run.sample_stats["lp"].shape == (8, draws)
+    # ... and not one block later than needed: the check on the draws one block
+    # shorter fails (recomputed on those draws alone).
+    if draws > 40:
+        f = (run.samples["weight"][..., 0, :] @ x_test.T).numpy()[:, : draws - 40]
+        data = az.convert_to_dataset({"f": f})
+        ok = (float(az.rhat(data)["f"].max()) < 1.015 and float(az.ess(data, method="bulk")["f"].min()) >= 400
+              and float(az.ess(data, method="tail")["f"].min()) >= 400)
+        assert not ok
+
+
+@pytest.mark.parametrize("budget, reason", [({"max_samples": 10}, "max_samples"),
+                                            ({"time_limit": 1e-3}, "time_limit")])
+def test_until_converged_reports_the_limit(conjugate_model, budget, reason):
+    model, ref = conjugate_model
+    # 4 chains x at most 10 draws: ESS cannot reach 400 (ArviZ caps it at n log10 n).
+    run = run_hmc(model, ref.x, ref.y, num_chains=4, num_samples=5, warmup_steps=20,
+                  until_converged=True, seed=0, progress=False, **budget)
+    assert not run.converged and run.stop_reason == reason
+    assert run.samples["weight"].shape[1] == (10 if reason == "max_samples" else 5)
+    plain = run_hmc(model, ref.x, ref.y, num_chains=4, num_samples=5, warmup_steps=20, seed=0,
+                    progress=False)
+    assert plain.stop_reason == "num_samples" and not plain.converged
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    ({"until_converged": True}, "time_limit"),
+    ({"max_samples": 10}, "until_converged"),
+    ({"until_converged": True, "time_limit": 0}, "time_limit"),
+    ({"until_converged": True, "max_samples": 0}, "max_samples"),
+    ({"until_converged": 1, "max_samples": 5}, "until_converged"),
+    ({"init": "sgd"}, "init"),
+])
+def test_budget_arguments_are_checked(kwargs, name, tiny):
+    model, x, y = tiny
+    with pytest.raises(ValueError, match=name):
+        run_hmc(model, x, y, num_chains=4, progress=False, **kwargs)
+
+
+# ----------------------------------------------------------------------------
+# 10. Superchains from MAP fits
+# ----------------------------------------------------------------------------
+def test_map_fit_finds_the_posterior_mode_of_every_row(conjugate_model):
+    """Gaussian posterior: the mode is the exact posterior mean; four rows from
+    different starts, fitted as one batch."""
+    model, ref = conjugate_model
+    pot = Potential(model, ref.x, ref.y)
+    start = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fitted = map_fit(pot, start, steps=800, lr=0.01)
+    sd = ref.posterior_cov.diagonal().sqrt()
+    # Adam's last steps are ~lr (0.01) around the optimum: well within 0.2 sd (sd ~0.1).
+    assert torch.all((fitted - ref.posterior_mean).abs() < 0.2 * sd), (fitted, ref.posterior_mean)
+
+
+def test_map_init_starts_superchains_at_their_modes(conjugate_model):
+    model, ref = conjugate_model
+    run = run_hmc(model, ref.x, ref.y, num_chains=16, num_samples=50, warmup_steps=100,
+                  init="map", seed=0, progress=False)
+    assert run.settings["init"] == "map" and "MAP" in run.settings["init_strategy"]
+    assert run.settings["num_superchains"] == 2 and "nested_rhat_f" in run.diagnostics
+    # Started at the mode, the chains sample the exact posterior: mean within 5 MCSE.
+    w = run.samples["weight"][..., 0, :].numpy()
+    ess = az.ess(az.convert_to_dataset({"w": w}), method="bulk")["w"].values
+    sd = ref.posterior_cov.diagonal().sqrt().numpy()
+    np.testing.assert_array_less(np.abs(w.reshape(-1, 2).mean(0) - ref.posterior_mean.numpy()),
+                                 5 * sd / np.sqrt(ess))
+    assert run.diagnostics["max_nested_rhat_f"] < 1.05
+
+
+# ----------------------------------------------------------------------------
+# 11. A degenerate posterior stops early with a clear error
+# ----------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_extreme_targets_raise_quickly(dtype):
+    """y of 1e20: in float32 the log density overflows everywhere, in float64 it is
+    finite but no step size is accepted; both used to run for minutes at acceptance
+    0 with step sizes near 1e-24."""
+    x, y = bbb.datasets.regression_curve(10, seed=0)
+    prior = dist.Normal(torch.tensor(0.0, dtype=dtype), torch.tensor(1.0, dtype=dtype))
+    model = bbb.BayesianRegressor(tanh_net(3, dtype=dtype), prior=prior, noise=0.1)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="degenerate.*standardize y"):
+        run_hmc(model, x.to(dtype), torch.full((10,), 1e20, dtype=dtype), num_chains=4,
+                num_samples=5, warmup_steps=10, progress=False)
+    assert time.perf_counter() - start < 2.0
