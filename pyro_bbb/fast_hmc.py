@@ -894,7 +894,7 @@ def run_hmc(
         ``"prior"``: each superchain (or chain) starts from a prior draw.  ``"map"``:
         those draws are first taken to a mode by :data:`MAP_STEPS` Adam steps on the
         log joint (all at once, :func:`map_fit`), and the chains of a superchain start
-        at its MAP point plus N(0, :data:`MAP_JITTER`\ :sup:`2`) jitter (Izmailov et
+        at its MAP point plus N(0, :data:`MAP_JITTER` squared) jitter (Izmailov et
         al. 2021; MILE, ICLR 2025); with superchains, nested R-hat then says whether
         chains from different modes agree.  The default stays ``"prior"``: on the
         regression curve both pass the check at the same cost, and prior starts

@@ -324,7 +324,8 @@ def test_first_window_is_tracked_not_inferred_from_the_metric():
     ws = ws._replace(chees=ws.chees._replace(log_length_avg=math.log(3.0)))
     first = warmup_end_window(ws, state, pot, gen, 1000)
     # T = 1 in the new metric (at least one step: the clip to one step size).
-    assert first.trajectory_length == pytest.approx(max(1.0, first.step_size)) < 3.0
+    assert first.trajectory_length == pytest.approx(max(1.0, first.step_size))
+    assert first.trajectory_length < 3.0
     assert first.windows_closed == 1
     later = warmup_end_window(ws._replace(windows_closed=1), state, pot, gen, 1000)
     assert later.trajectory_length == pytest.approx(3.0) and later.windows_closed == 2
