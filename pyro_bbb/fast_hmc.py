@@ -1112,7 +1112,7 @@ def _sample_blocks(state, potential, x_test, generator, kernel, budget, num_samp
 
     model, num_chains = potential.model, state.position.shape[0]
     draws, stats, fs, total = [], {k: [] for k in SAMPLE_STATS}, [], 0
-    size = num_samples
+    size = min(num_samples, budget["max_samples"] or num_samples)
     while True:
         block_start = time.perf_counter()
         state, block, block_stats = _sample_block(state, potential.value_and_grad, generator, kernel,

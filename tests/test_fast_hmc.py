@@ -715,15 +715,16 @@ def test_until_converged_stops_when_converged(conjugate_model):
         assert not ok
 
 
-@pytest.mark.parametrize("budget, reason", [({"max_samples": 10}, "max_samples"),
-                                            ({"time_limit": 1e-3}, "time_limit")])
-def test_until_converged_reports_the_limit(conjugate_model, budget, reason):
+@pytest.mark.parametrize("budget, reason, draws", [({"max_samples": 10}, "max_samples", 10),
+                                                   ({"max_samples": 3}, "max_samples", 3),
+                                                   ({"time_limit": 1e-3}, "time_limit", 5)])
+def test_until_converged_reports_the_limit(conjugate_model, budget, reason, draws):
     model, ref = conjugate_model
     # 4 chains x at most 10 draws: ESS cannot reach 400 (ArviZ caps it at n log10 n).
     run = run_hmc(model, ref.x, ref.y, num_chains=4, num_samples=5, warmup_steps=20,
                   until_converged=True, seed=0, progress=False, **budget)
     assert not run.converged and run.stop_reason == reason
-    assert run.samples["weight"].shape[1] == (10 if reason == "max_samples" else 5)
+    assert run.samples["weight"].shape[1] == draws  # blocks of 5, never past max_samples
     plain = run_hmc(model, ref.x, ref.y, num_chains=4, num_samples=5, warmup_steps=20, seed=0,
                     progress=False)
     assert plain.stop_reason == "num_samples" and not plain.converged
