@@ -139,11 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hmc: pyro_bbb's ChEES-HMC, many chains in lockstep; nuts: Pyro's NUTS")
     h.add_argument("--warmup", type=_nonnegative_int, default=None,
                    help="warmup iterations per chain (default: hmc 200, nuts 200)")
-    h.add_argument("--samples", type=_positive_int, default=None, help="draws per chain (default: hmc 100, nuts 200)")
+    h.add_argument("--samples", type=_positive_int, default=None, help="draws per chain (default: hmc 400, nuts 200)")
     h.add_argument("--chains", type=_positive_int, default=None,
                    help="number of chains (default: hmc 32, in lockstep; nuts 2, one after another)")
     h.add_argument("--max-tree-depth", type=_positive_int, default=7,
                    help="nuts: caps each trajectory at 2^depth - 1 leapfrog steps (~1.5 ms a step)")
+    h.add_argument("--max-leapfrog-steps", type=_positive_int, default=500,
+                   help="hmc: caps each trajectory's leapfrog steps (the adapted length otherwise runs into it)")
     h.add_argument("--target-accept", type=_probability, default=None, help="target acceptance probability (default: hmc 0.65, nuts 0.8)")
     o = c.add_argument_group("run")
     o.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of data, training and sampling")
@@ -210,7 +212,7 @@ def _reference_settings(args):
         "name": "Pyro NUTS" if nuts else "ChEES-HMC",
         "num_chains": args.chains or (2 if nuts else 32),
         "warmup_steps": args.warmup if args.warmup is not None else 200,
-        "num_samples": args.samples or (200 if nuts else 100),
+        "num_samples": args.samples or (200 if nuts else 400),
         "target_accept_prob": args.target_accept or (0.8 if nuts else 0.65),
     }
 
@@ -224,7 +226,8 @@ def _run_reference(args, model, data, progress):
                   seed=args.seed, progress=progress)
     if ref["nuts"]:
         return bbb.run_nuts(model, data.x_train, data.y_train, max_tree_depth=args.max_tree_depth, **common)
-    return bbb.run_hmc(model, data.x_train, data.y_train, x_test=data.x_test, **common)
+    return bbb.run_hmc(model, data.x_train, data.y_train, x_test=data.x_test,
+                       max_leapfrog_steps=args.max_leapfrog_steps, **common)
 
 
 def run_compare(args, written: list | None = None):
