@@ -286,3 +286,35 @@ def finite_result(name: str, value, what: str) -> None:
             f"{name}: the {what} is not finite at some draws (inputs or targets too large for "
             "the network's dtype? standardize them)"
         )
+
+
+def draws_by_chain(name: str, draws, sites=None, shapes=None) -> dict:
+    """Draws ``{site: (chains, draws, *site_shape)}`` as tensors: every one of ``sites``
+    present (when given), ``site_shape`` as in ``shapes`` (when known), the same
+    (chains, draws) for all, finite."""
+    if not draws:
+        raise ValueError(f"{name} holds no draws")
+    out = {}
+    for site in sites if sites is not None else tuple(draws):
+        if site not in draws:
+            raise ValueError(f"{name}: no draws of site {site!r} (the model's sites are {list(sites)})")
+        value = as_tensor(f"{name}[{site!r}]", draws[site]).detach()
+        if value.dim() < 2:
+            raise ValueError(
+                f"{name}[{site!r}] must have shape (chains, draws, *site_shape), got {tuple(value.shape)}"
+            )
+        want = (shapes or {}).get(site)
+        if want is not None and tuple(value.shape[2:]) != tuple(want):
+            raise ValueError(
+                f"{name}[{site!r}] must have shape (chains, draws, {', '.join(map(str, want))}), "
+                f"got {tuple(value.shape)}"
+            )
+        lead = tuple(next(iter(out.values())).shape[:2]) if out else tuple(value.shape[:2])
+        if tuple(value.shape[:2]) != lead:
+            raise ValueError(
+                f"{name}[{site!r}] has (chains, draws) = {tuple(value.shape[:2])}, expected {lead} "
+                "as the other sites"
+            )
+        out[site] = value
+    finite_draws(name, out)
+    return out

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .predict import DEFAULT_CHUNK_ROWS, batched_outputs
+from .predict import DEFAULT_CHUNK_ROWS, as_draws, batched_outputs
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # arviz 0.23's refactor notice
@@ -65,14 +65,6 @@ _STAT_ALIASES = {
 #: What each quantity of ``_evaluate`` is, for error messages.
 _QUANTITY = {"y": "predictive draw of y", "log_lik": "pointwise log-likelihood",
              "prob": "class probability", "f": "network output"}
-
-
-def _is_guide(posterior) -> bool:
-    return hasattr(posterior, "sample_posterior") and hasattr(posterior, "log_density")
-
-
-def _is_reference(posterior) -> bool:
-    return hasattr(posterior, "samples") and hasattr(posterior, "sample_stats")
 
 
 def _numpy(t: Tensor) -> np.ndarray:
@@ -174,8 +166,8 @@ def to_inference_data(
     ----------
     model : BayesianRegressor or BayesianClassifier
         The pyro_bbb model both posteriors belong to.
-    posterior : BBBGuide or HMC reference
-        A fitted guide (``num_samples`` draws from q, stored as 1 chain) or the
+    posterior : BBBGuide, Pyro AutoGuide, MCMC, HMC reference or dict of draws
+        Anything :func:`pyro_bbb.predict.as_draws` reads;         A fitted guide (``num_samples`` draws from q, stored as 1 chain) or the
         result of :func:`pyro_bbb.hmc.run_nuts` (or any object with ``samples``
         ``{site: (chains, draws, *shape)}`` and ``sample_stats``; all its chains and
         draws are kept and ``num_samples`` is ignored).
@@ -238,21 +230,7 @@ def to_inference_data(
     >>> idata.posterior.attrs["inference"]
     'bbb'
     """
-    # -- arguments -------------------------------------------------------------------
-    for attr in ("output", "log_likelihood", "log_joint", "sample_y", "latent_names", "initial_values"):
-        if not hasattr(model, attr):
-            raise ValueError(
-                "model must be a pyro_bbb model (BayesianRegressor / BayesianClassifier), "
-                f"got {type(model).__name__} without {attr!r}"
-            )
-    is_guide = _is_guide(posterior)
-    if not is_guide and not _is_reference(posterior):
-        raise ValueError(
-            "posterior must be a BBBGuide or an HMC reference (run_nuts / run_hmc), "
-            f"got {type(posterior).__name__}"
-        )
-    if is_guide and getattr(posterior, "prototype_trace", True) is None:
-        raise ValueError("posterior: the guide is not set up yet; fit() it (or call it once) first")
+    _check_model(model)
     num_samples = _checks.positive_int("num_samples", num_samples)
     if chunk_size is not None:
         chunk_size = _checks.positive_int("chunk_size", chunk_size)
@@ -261,8 +239,39 @@ def to_inference_data(
         raise ValueError(
             f"history must be a pyro_bbb History (from fit) or None, got {type(history).__name__}"
         )
+    x, y, x_test, y_test = _data(model, x, y, x_test, y_test)
     ref = next(iter(model.initial_values().values()))
-    device, dtype = ref.device, ref.dtype
+    draws = as_draws(posterior, model, x, y, num_samples=num_samples, seed=seed)
+    flat = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in draws.flat().items()}
+    with torch.random.fork_rng(devices=_rng_devices(ref.device), enabled=seed is not None):
+        if seed is not None:
+            torch.manual_seed(seed)
+        train, test = _evaluate_all(model, flat, x, y, x_test, y_test, chunk_size)
+    attrs = _attrs(model, posterior, draws, num_samples, seed, history)
+    build = _Builder(attrs, draws.num_chains, draws.num_draws, x)
+    groups = {"posterior": build.dataset(
+        {k: _numpy(v) for k, v in draws.values.items()},
+        {k: _site_dims(k, v.shape[2:]) for k, v in draws.values.items()},
+    )}
+    groups.update(_training_groups(build, train, x, y))
+    groups["sample_stats"] = _sample_stats(build, model, draws, flat, x, y, chunk_size, history)
+    if test is not None:
+        groups.update(_prediction_groups(build, test, x_test, y_test, attrs["task"] == "classification"))
+    return az.InferenceData(attrs=dict(attrs), **groups)
+
+
+def _check_model(model) -> None:
+    for attr in ("output", "log_likelihood", "log_joint", "sample_y", "latent_names", "initial_values"):
+        if not hasattr(model, attr):
+            raise ValueError(
+                "model must be a pyro_bbb model (BayesianRegressor / BayesianClassifier), "
+                f"got {type(model).__name__} without {attr!r}"
+            )
+
+
+def _data(model, x, y, x_test, y_test):
+    """Validated training and test data on the model's device."""
+    device = next(iter(model.initial_values().values())).device
 
     def on_device(name, value):  # validation may run the network (a classifier's class count)
         return None if value is None else _checks.as_tensor(name, value).to(device)
@@ -282,68 +291,25 @@ def to_inference_data(
                 f"x_test must have the same feature shape as x, got {tuple(x_test.shape[1:])} "
                 f"and {tuple(x.shape[1:])}"
             )
+    return x, y, x_test, y_test
+
+
+def _evaluate_all(model, flat, x, y, x_test, y_test, chunk_size):
+    """Outputs, predictive draws and log-likelihoods at the training and test inputs, checked finite."""
     classifier = getattr(model, "task", None) == "classification"
-
-    # -- draws -----------------------------------------------------------------------
-    sites = tuple(model.latent_names)
-    with torch.random.fork_rng(devices=_rng_devices(device), enabled=seed is not None):
-        if seed is not None:
-            torch.manual_seed(seed)
-        if is_guide:
-            raw = posterior.sample_posterior(num_samples)
-            num_chains, num_draws = 1, num_samples
-            samples = {k: v.detach() for k, v in raw.items()}
-            missing = [s for s in sites if s not in samples]
-            if missing:
-                raise ValueError(f"posterior: the guide has no site(s) {missing} of the model")
-            draws = {k: samples[k].to(device=device, dtype=dtype) for k in sites}
-            posterior_np = {k: _numpy(samples[k])[None] for k in sites}
-        else:
-            samples = dict(posterior.samples)
-            missing = [s for s in sites if s not in samples]
-            if missing:
-                raise ValueError(f"posterior: the reference has no draws of site(s) {missing}")
-            first = torch.as_tensor(samples[sites[0]])
-            if first.dim() < 2:
-                raise ValueError(
-                    "posterior.samples must hold arrays of shape (chains, draws, *site_shape)"
-                )
-            num_chains, num_draws = first.shape[:2]
-            draws, posterior_np = {}, {}
-            for k in sites:
-                v = torch.as_tensor(samples[k])
-                if v.shape[:2] != (num_chains, num_draws):
-                    raise ValueError(
-                        f"posterior.samples[{k!r}] has leading shape {tuple(v.shape[:2])}, "
-                        f"expected (chains, draws) = {(num_chains, num_draws)}"
-                    )
-                posterior_np[k] = _numpy(v)
-                draws[k] = v.reshape((-1,) + tuple(v.shape[2:])).to(device=device, dtype=dtype)
-
-        def chains(a: np.ndarray) -> np.ndarray:
-            return a.reshape((num_chains, num_draws) + a.shape[1:])
-
-        _checks.finite_draws("posterior", draws)
-        train = _evaluate(model, draws, x, y, chunk_size, classifier)
-        test = (
-            _evaluate(model, draws, x_test, y_test, chunk_size, classifier)
-            if x_test is not None
-            else None
-        )
-        if is_guide:
-            lp = _log_joint(model, draws, x, y, chunk_size)
-            with torch.no_grad():
-                log_q = _numpy(posterior.log_density(draws))
-            _checks.finite_result("x, y", lp, "log joint lp")
-            _checks.finite_result("posterior", log_q, "log density log_q")
+    train = _evaluate(model, flat, x, y, chunk_size, classifier)
+    test = _evaluate(model, flat, x_test, y_test, chunk_size, classifier) if x_test is not None else None
     for key, value in train.items():
         _checks.finite_result("x, y" if key == "log_lik" else "x", value, _QUANTITY[key])
     for key, value in (test or {}).items():
         _checks.finite_result("x_test, y_test" if key == "log_lik" else "x_test", value, _QUANTITY[key])
+    return train, test
 
-    # -- metadata --------------------------------------------------------------------
-    if is_guide:
-        inference = "bbb"
+
+def _attrs(model, posterior, draws, num_samples, seed, history) -> dict:
+    """The attrs of every group: ``inference``, ``posterior_kind``, ``posterior_type``,
+    ``settings`` (JSON), ``task``, ``num_hidden_layers``."""
+    if draws.kind == "variational":
         settings = {
             "num_samples": num_samples,
             "seed": seed,
@@ -358,33 +324,38 @@ def to_inference_data(
                 interrupted=bool(getattr(history, "interrupted", False)),
                 final_elbo=float(elbo[-1]) if len(elbo) else None,
             )
+    elif hasattr(posterior, "kernel"):  # pyro.infer.MCMC
+        settings = {k: getattr(posterior, k, None) for k in ("num_samples", "warmup_steps", "num_chains")}
     else:
-        inference = str(getattr(posterior, "sampler", type(posterior).__name__))
         settings = dict(getattr(posterior, "settings", {}) or {})
         settings["wall_time"] = float(getattr(posterior, "wall_time", math.nan))
-    attrs = {
-        "inference": inference,
-        "posterior_kind": "variational" if is_guide else "sampler",
+    return {
+        "inference": draws.inference,
+        "posterior_kind": draws.kind,
+        "posterior_type": type(posterior).__name__,
         "settings": json.dumps(settings, default=str, sort_keys=True),
         "task": str(getattr(model, "task", "unknown")),
         "num_hidden_layers": int(model.network.num_hidden_layers),
     }
 
-    # -- groups ----------------------------------------------------------------------
-    n = x.shape[0]
-    coords = {
-        "chain": np.arange(num_chains),
-        "draw": np.arange(num_draws),
-        "obs": np.arange(n),
-    }
-    for i, size in enumerate(x.shape[1:]):
-        coords[_feature_dims(x)[i]] = np.arange(size)
 
-    def dataset(data, dims, default_dims=None, extra_attrs=None):
+class _Builder:
+    """ArviZ datasets with shared attrs and coordinates (chain, draw, obs, feature...)."""
+
+    def __init__(self, attrs, num_chains, num_draws, x):
+        self.attrs, self.shape = attrs, (num_chains, num_draws)
+        self.coords = {"chain": np.arange(num_chains), "draw": np.arange(num_draws), "obs": np.arange(x.shape[0])}
+        for i, size in enumerate(x.shape[1:]):
+            self.coords[_feature_dims(x)[i]] = np.arange(size)
+
+    def chains(self, a: np.ndarray) -> np.ndarray:
+        return a.reshape(self.shape + a.shape[1:])
+
+    def dataset(self, data, dims, default_dims=None, extra_attrs=None):
         for name, value in data.items():
             lead = 2 if default_dims is None else len(default_dims)
             for dim, size in zip(dims[name], value.shape[lead:]):
-                coords.setdefault(dim, np.arange(size))
+                self.coords.setdefault(dim, np.arange(size))
         used = {d for name in data for d in dims[name]} | set(default_dims or ("chain", "draw"))
         with warnings.catch_warnings():
             # "More chains than draws" is ArviZ's guess at a transposed array; the
@@ -392,62 +363,71 @@ def to_inference_data(
             warnings.filterwarnings("ignore", message="More chains")
             return az.dict_to_dataset(
                 data,
-                attrs={**attrs, **(extra_attrs or {})},
-                coords={k: v for k, v in coords.items() if k in used},
+                attrs={**self.attrs, **(extra_attrs or {})},
+                coords={k: v for k, v in self.coords.items() if k in used},
                 dims=dims,
                 default_dims=default_dims,
             )
 
+
+def _training_groups(build, train, x, y) -> dict:
+    """posterior_predictive, log_likelihood, observed_data and constant_data."""
     y_np = _numpy(y)
     y_dims = ["obs"] + _output_dims(y_np.shape, 1, "output")
-    groups = {
-        "posterior": dataset(
-            posterior_np, {k: _site_dims(k, v.shape[2:]) for k, v in posterior_np.items()}
-        ),
-        "posterior_predictive": dataset({"y": chains(train["y"])}, {"y": y_dims}),
-        "log_likelihood": dataset({"y": chains(train["log_lik"])}, {"y": ["obs"]}),
-        "observed_data": dataset({"y": y_np}, {"y": y_dims}, default_dims=[]),
-        "constant_data": dataset({"x": _numpy(x)}, {"x": ["obs"] + _feature_dims(x)}, default_dims=[]),
+    return {
+        "posterior_predictive": build.dataset({"y": build.chains(train["y"])}, {"y": y_dims}),
+        "log_likelihood": build.dataset({"y": build.chains(train["log_lik"])}, {"y": ["obs"]}),
+        "observed_data": build.dataset({"y": y_np}, {"y": y_dims}, default_dims=[]),
+        "constant_data": build.dataset({"x": _numpy(x)}, {"x": ["obs"] + _feature_dims(x)}, default_dims=[]),
     }
-    if is_guide:
-        extra = {"elbo": np.asarray(history.elbo, dtype=np.float64)} if history is not None else None
-        groups["sample_stats"] = dataset(
-            {"lp": chains(lp), "log_q": chains(log_q)}, {"lp": [], "log_q": []}, extra_attrs=extra
-        )
-    else:
+
+
+def _sample_stats(build, model, draws, flat, x, y, chunk_size, history):
+    """A sampler's per-draw statistics; otherwise lp = log p(theta, y) and (a guide's) log_q."""
+    if draws.kind == "sampler":
         stats = {}
-        for name, value in dict(posterior.sample_stats).items():
-            value = np.asarray(value.detach().cpu() if isinstance(value, Tensor) else value)
+        for name, value in (draws.sample_stats or {}).items():
             name = _STAT_ALIASES.get(name, name)
-            if value.shape[:2] != (num_chains, num_draws):
+            if value.shape[:2] != build.shape:
                 raise ValueError(
                     f"posterior.sample_stats[{name!r}] has shape {value.shape}, expected "
-                    f"(chains, draws) = {(num_chains, num_draws)} leading"
+                    f"(chains, draws) = {build.shape} leading"
                 )
             stats[name] = value
-        groups["sample_stats"] = dataset(
-            stats, {k: [f"{k}_dim_{i}" for i in range(v.ndim - 2)] for k, v in stats.items()}
-        )
-    if test is not None:
-        coords["test"] = np.arange(x_test.shape[0])
-        f_name = "class" if classifier else "output"
-        pred = {"f": chains(test["f"]), "y": chains(test["y"])}
-        pred_dims = {
-            "f": ["test"] + _output_dims(test["f"].shape, 2, f_name),
-            "y": ["test"] + _output_dims(test["y"].shape, 2, "output"),
-        }
-        if classifier:
-            pred["prob"] = chains(test["prob"])
-            pred_dims["prob"] = ["test", "class"]
-        if y_test is not None:
-            pred["log_lik"] = chains(test["log_lik"])
-            pred_dims["log_lik"] = ["test"]
-        groups["predictions"] = dataset(pred, pred_dims)
-        const = {"x": _numpy(x_test)}
-        const_dims = {"x": ["test"] + _feature_dims(x_test)}
-        if y_test is not None:
-            yt = _numpy(y_test)
-            const["y"] = yt
-            const_dims["y"] = ["test"] + _output_dims(yt.shape, 1, "output")
-        groups["predictions_constant_data"] = dataset(const, const_dims, default_dims=[])
-    return az.InferenceData(attrs=dict(attrs), **groups)
+        return build.dataset(stats, {k: [f"{k}_dim_{i}" for i in range(v.ndim - 2)] for k, v in stats.items()})
+    lp = _log_joint(model, flat, x, y, chunk_size)
+    _checks.finite_result("x, y", lp, "log joint lp")
+    stats = {"lp": build.chains(lp)}
+    if draws.log_q is not None:
+        log_q = _numpy(draws.log_q)
+        _checks.finite_result("posterior", log_q, "log density log_q")
+        stats["log_q"] = log_q
+    extra = {"elbo": np.asarray(history.elbo, dtype=np.float64)} if history is not None else None
+    return build.dataset(stats, {k: [] for k in stats}, extra_attrs=extra)
+
+
+def _prediction_groups(build, test, x_test, y_test, classifier) -> dict:
+    """predictions (f, y, prob for classifiers, log_lik with y_test) and their constant data."""
+    build.coords["test"] = np.arange(x_test.shape[0])
+    f_name = "class" if classifier else "output"
+    pred = {"f": build.chains(test["f"]), "y": build.chains(test["y"])}
+    pred_dims = {
+        "f": ["test"] + _output_dims(test["f"].shape, 2, f_name),
+        "y": ["test"] + _output_dims(test["y"].shape, 2, "output"),
+    }
+    if classifier:
+        pred["prob"] = build.chains(test["prob"])
+        pred_dims["prob"] = ["test", "class"]
+    if y_test is not None:
+        pred["log_lik"] = build.chains(test["log_lik"])
+        pred_dims["log_lik"] = ["test"]
+    const = {"x": _numpy(x_test)}
+    const_dims = {"x": ["test"] + _feature_dims(x_test)}
+    if y_test is not None:
+        yt = _numpy(y_test)
+        const["y"] = yt
+        const_dims["y"] = ["test"] + _output_dims(yt.shape, 1, "output")
+    return {
+        "predictions": build.dataset(pred, pred_dims),
+        "predictions_constant_data": build.dataset(const, const_dims, default_dims=[]),
+    }
