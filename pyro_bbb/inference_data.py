@@ -241,20 +241,24 @@ def to_inference_data(
         )
     x, y, x_test, y_test = _data(model, x, y, x_test, y_test)
     ref = next(iter(model.initial_values().values()))
-    draws = as_draws(posterior, model, x, y, num_samples=num_samples, seed=seed)
-    flat = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in draws.flat().items()}
+    # One seeded stream for the guide's draws and then the predictive draws (one seed
+    # for both streams would correlate the weights' noise with the observations').
     with torch.random.fork_rng(devices=_rng_devices(ref.device), enabled=seed is not None):
         if seed is not None:
             torch.manual_seed(seed)
+        draws = as_draws(posterior, model, x, y, num_samples=num_samples)
+        flat = {k: v.to(device=ref.device, dtype=ref.dtype) for k, v in draws.flat().items()}
+        attrs = _attrs(model, posterior, draws, num_samples, seed, history)
+        build = _Builder(attrs, draws.num_chains, draws.num_draws, x)
+        # The log joint is checked first: its error names the data (x, y) it overflows on.
+        sample_stats = _sample_stats(build, model, draws, flat, x, y, chunk_size, history)
         train, test = _evaluate_all(model, flat, x, y, x_test, y_test, chunk_size)
-    attrs = _attrs(model, posterior, draws, num_samples, seed, history)
-    build = _Builder(attrs, draws.num_chains, draws.num_draws, x)
     groups = {"posterior": build.dataset(
         {k: _numpy(v) for k, v in draws.values.items()},
         {k: _site_dims(k, v.shape[2:]) for k, v in draws.values.items()},
     )}
     groups.update(_training_groups(build, train, x, y))
-    groups["sample_stats"] = _sample_stats(build, model, draws, flat, x, y, chunk_size, history)
+    groups["sample_stats"] = sample_stats
     if test is not None:
         groups.update(_prediction_groups(build, test, x_test, y_test, attrs["task"] == "classification"))
     return az.InferenceData(attrs=dict(attrs), **groups)
