@@ -3,10 +3,10 @@ import math
 import subprocess
 import sys
 
-import pandas as pd
 import pytest
 
 from pyro_bbb import cli
+from test_report import SETTINGS, FakeReport  # the report writer's stand-ins
 
 PROMISED = ["report.md", "report.html", "metrics.json", "predictive_bands.png", "std_ratio.png", "elbo.png", "forest.png"]
 TINY = ["--epochs", "30", "--warmup", "15", "--samples", "15", "--max-tree-depth", "4", "--hidden", "8",
@@ -54,7 +54,7 @@ def test_interrupted_run_leaves_the_previous_report_and_no_partial_folder(tmp_pa
     from pyro_bbb import report as rp
 
     out = tmp_path / "out"
-    rp.write_report(out, _FakeReport(), _SETTINGS)
+    rp.write_report(out, FakeReport('x'), SETTINGS)
     before = (out / "report.md").read_text()
 
     def boom(*a, **k):
@@ -62,36 +62,10 @@ def test_interrupted_run_leaves_the_previous_report_and_no_partial_folder(tmp_pa
 
     monkeypatch.setattr(rp, "to_html", boom)
     monkeypatch.setattr(cli, "run_compare",
-                        lambda args, written: rp.write_report(args.out, _FakeReport(), _SETTINGS, written=written))
+                        lambda args, written: rp.write_report(args.out, FakeReport('x'), SETTINGS, written=written))
     assert cli.main(["compare", "--out", str(out)]) == 130
     assert (out / "report.md").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
-
-
-class _FakeReport:
-    warnings = []
-    table = pd.DataFrame({"metric": ["m"], "value": [1.0]})
-    weight_space = pd.DataFrame({"site": ["w"]})
-
-    def plot(self, folder):
-        (folder / "a.png").write_bytes(b"png")
-        return [folder / "a.png"]
-
-    def to_dict(self):
-        return {"table": []}
-
-    def to_markdown(self):
-        return "# title\n"
-
-
-_SETTINGS = {
-    "command": None, "dataset": "toy", "task": "regression", "n_train": 3, "n_test": 2,
-    "network": "1-1", "prior": "N(0, 1)", "noise": 0.1,
-    "bbb": {"epochs": 1, "lr": 0.1, "particles": 1, "kl": "mc", "kl_weighting": "uniform", "seconds": 0.0},
-    "reference": {"sampler": "fake", "num_chains": 1, "warmup_steps": 1, "num_samples": 1,
-                  "target_accept_prob": 0.8, "seconds": 0.0},
-    "seed": 0, "versions": {"python": "3"},
-}
 
 
 @pytest.mark.parametrize("target", [".", "mydata", "README.md"])
