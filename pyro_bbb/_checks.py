@@ -8,6 +8,7 @@ decides the shape a model's targets ``y`` must have, used by ``fit``,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from numbers import Integral, Real
 
 import numpy as np
@@ -318,3 +319,27 @@ def draws_by_chain(name: str, draws, sites=None, shapes=None) -> dict:
         out[site] = value
     finite_draws(name, out)
     return out
+
+
+# -- many schemes against one reference -------------------------------------------------
+def fidelity_inputs(reference, approximations) -> None:
+    """``reference`` a sampler's InferenceData, ``approximations`` a non-empty dict of them."""
+    if not isinstance(approximations, Mapping) or hasattr(approximations, "groups") or not approximations:
+        raise ValueError("approximations must be a non-empty dict: scheme name -> InferenceData")
+    if "posterior" not in getattr(reference, "groups", lambda: [])():
+        raise ValueError("reference must be an arviz.InferenceData (from to_inference_data)")
+    if posterior_kind(reference) != "sampler":
+        raise ValueError(
+            "reference must be a sampler's posterior (to_inference_data of run_hmc / run_nuts), "
+            f"got posterior_kind {posterior_kind(reference)!r}; pass the reference first"
+        )
+
+
+def class_probabilities(probs, labels):
+    """``probs`` (n, classes) rows summing to 1 and ``labels`` (n,) integer classes."""
+    probs, labels = np.asarray(probs, dtype=np.float64), np.asarray(labels)
+    if probs.ndim != 2 or labels.shape != (probs.shape[0],):
+        raise ValueError(f"probs must be (n, classes) and labels (n,), got {probs.shape} and {labels.shape}")
+    if not np.allclose(probs.sum(-1), 1.0, atol=1e-4) or (probs < 0).any():
+        raise ValueError("probs rows must be probabilities summing to 1")
+    return probs, labels.astype(int)

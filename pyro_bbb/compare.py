@@ -27,6 +27,7 @@ import math
 import os
 import uuid
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
@@ -328,7 +329,15 @@ def compare(vi, hmc, *, in_data=None) -> ComparisonReport:
     >>> bool(report.weight_space.identifiable.all())   # no hidden layer
     True
     >>> print(report.to_markdown())  # doctest: +SKIP
+
+    Many schemes against one reference: ``compare(reference, {"bbb": vi, ...})``
+    (the reference first, then a dict name -> InferenceData) returns a
+    :class:`pyro_bbb.fidelity.FidelityReport` with a row per scheme.
     """
+    if isinstance(hmc, Mapping) and not isinstance(hmc, az.InferenceData):  # InferenceData is a Mapping too
+        from .fidelity import compare_schemes
+
+        return compare_schemes(vi, hmc, in_data=in_data)
     _check_idata("vi", vi)
     _check_idata("hmc", hmc)
     _checks.comparable_posteriors(vi, hmc)
@@ -748,7 +757,15 @@ def _cell(v) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def _markdown_table(df: pd.DataFrame) -> str:
+def markdown_table(df: pd.DataFrame) -> str:
+    """A DataFrame as a GitHub Markdown table (numbers with 4 significant digits, NaN blank).
+
+    >>> print(markdown_table(pd.DataFrame({"a": [1.0, 0.12345]})))
+    | a |
+    |---|
+    | 1 |
+    | 0.1235 |
+    """
     header = "| " + " | ".join(str(c) for c in df.columns) + " |"
     rule = "|" + "|".join("---" for _ in df.columns) + "|"
     body = ["| " + " | ".join(_cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
@@ -758,14 +775,23 @@ def _markdown_table(df: pd.DataFrame) -> str:
 # ----------------------------------------------------------------------------
 # Pictures (matplotlib Figure objects, no pyplot state)
 # ----------------------------------------------------------------------------
-def _figure(figsize=(7.0, 4.0)):
+def new_figure(figsize=(7.0, 4.0)):
+    """A matplotlib Figure made without pyplot (the caller's backend and figures stay alone).
+
+    >>> new_figure().get_size_inches().tolist()
+    [7.0, 4.0]
+    """
     from matplotlib.figure import Figure
 
     return Figure(figsize=figsize, layout="constrained")
 
 
-def _save(fig, path: Path) -> Path:
-    """Write atomically: a temporary file in the same folder, then ``os.replace``."""
+def save_png(fig, path: Path) -> Path:
+    """Write ``fig`` as PNG atomically: a temporary file in the same folder, then ``os.replace``.
+
+    >>> save_png(new_figure(), Path("picture.png"))  # doctest: +SKIP
+    PosixPath('picture.png')
+    """
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         fig.savefig(tmp, format="png", dpi=110)
@@ -776,6 +802,9 @@ def _save(fig, path: Path) -> Path:
     finally:
         fig.clear()
     return path
+
+
+_markdown_table, _figure, _save = markdown_table, new_figure, save_png
 
 
 def _input_dim(idata) -> int:
