@@ -22,7 +22,7 @@ import types
 # ``import pyro_bbb`` (and the ``pyro-bbb`` command's ``--help``) does not pay for torch,
 # Pyro and ArviZ until something needs them.
 _PUBLIC = {
-    "ComparisonReport": "compare", "compare": "compare",
+    "ComparisonReport": "compare", "compare": "compare", "FidelityReport": "fidelity",
     "ChEESReference": "fast_hmc", "run_hmc": "fast_hmc",
     "BBBGuide": "guide",
     "HMCReference": "hmc", "run_nuts": "hmc",
@@ -75,6 +75,7 @@ __all__ = [
     "BayesianRegressor",
     "ChEESReference",
     "ComparisonReport",
+    "FidelityReport",
     "HMCReference",
     "History",
     "NonFiniteLossError",
