@@ -116,6 +116,7 @@ def test_five_schemes_one_row_each_and_the_closest_is_named():
     assert "Closest to the reference by w1_mean: exact" in text
     assert "mean_field: over-confident" in text and "dropout: under-confident" in text
     assert "0.8" in text and "1.25" in text
+    assert "Closest in the data: exact" in text and "Closest away from the data: exact" in text
     assert set(rep.reports) == set(scales)
     assert all(isinstance(r, ComparisonReport) for r in rep.reports.values())
 
@@ -193,6 +194,7 @@ def test_exports_and_pictures(tmp_path):
     assert set(data["schemes"]) == {"a", "b"}
     assert data["schemes"]["a"]["w1_mean"] == pytest.approx(rep.table.w1_mean.iloc[0])
     assert data["schemes"]["a"]["rmse"] is None  # no y_test: NaN -> None
+    assert set(rep.table.columns) - {"scheme"} <= set(rep.definitions)  # every column defined
     md = rep.to_markdown()
     assert md.index(rep.summary()) < md.index("| scheme |") < md.index(DEFINITIONS["w1_mean"])
     paths = rep.plot(tmp_path)
