@@ -77,6 +77,18 @@ def _hidden(text):
     return sizes
 
 
+# The names of pyro_bbb.schemes.SCHEMES, listed here so that parsing needs no torch.
+METHODS = ("bbb", "bbb-mixture", "diagonal", "lowrank", "fullrank", "flow", "laplace", "ensemble", "dropout")
+
+
+def _methods(text):
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [n for n in names if n not in METHODS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected names from {', '.join(METHODS)}, got {text!r}")
+    return list(dict.fromkeys(names))  # in order, once each
+
+
 class _HelpFormatter(argparse.HelpFormatter):
     """Adds "(default: ...)" where there is a default worth saying and the help does not
     already say it."""
@@ -124,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--noise", type=_noise, default=None,
                    help="regression noise std, or 'learned' (LogNormal(0, 1) prior); "
                    "default 0.1 on the curve, 'learned' on standardized data sets")
+    m.add_argument("--methods", type=_methods, default=["bbb"],
+                   help="comma-separated schemes to compare with the reference: " + ", ".join(METHODS)
+                   + " (default: bbb; bbb-mixture uses the scale-mixture prior, the others the --prior model)")
     b = c.add_argument_group("Bayes by Backprop")
     b.add_argument("--epochs", type=_positive_int, default=1500, help="passes over the training data")
     b.add_argument("--lr", type=_positive_float, default=0.01, help="Adam's learning rate")
@@ -185,13 +200,16 @@ def _network(in_features, hidden, out_features, activation):
     return torch.nn.Sequential(*layers)
 
 
-def _model(args, data):
-    """The network, prior and pyro_bbb model the options describe; and the prior in words."""
+def _model(args, data, prior_kind=None):
+    """The network, prior and pyro_bbb model the options describe (``prior_kind`` overrides
+    --prior); and the prior in words.  The network's initial weights come from --seed."""
     import pyro.distributions as dist
+    import torch
 
     import pyro_bbb as bbb
 
-    if args.prior == "gaussian":
+    torch.manual_seed(args.seed)
+    if (prior_kind or args.prior) == "gaussian":
         prior = dist.Normal(0.0, args.prior_sigma)
         prior_text = f"Gaussian N(0, {args.prior_sigma:g}^2)"
     else:
@@ -245,11 +263,15 @@ def run_compare(args, written: list | None = None):
     data = _load(args)
     if args.noise is None:
         args.noise = 0.1 if args.dataset == "curve" else "learned"
-    torch.manual_seed(args.seed)
     model, net, prior_text = _model(args, data)
     progress = not args.quiet
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
 
+    if args.methods != ["bbb"]:
+        report, posteriors = _compare_methods(args, data, model, progress, say)
+        settings = _settings(args, data, net, prior_text, None, posteriors.pop("_reference"))
+        write_report(out, report, settings, force=args.force, written=written, posteriors=posteriors)
+        return report
     say(f"[1/3] Bayes by Backprop: {args.epochs} epochs, {args.particles} particles")
     guide = bbb.BBBGuide(model)
     history = bbb.fit(model, guide, data.x_train, data.y_train, epochs=args.epochs, lr=args.lr,
@@ -274,6 +296,65 @@ def run_compare(args, written: list | None = None):
     return report
 
 
+def _fit_method(name, args, data, model, progress):
+    """The posterior of scheme ``name`` on ``model`` (bbb-mixture on the mixture-prior model)."""
+    import pyro_bbb as bbb
+    from pyro_bbb import schemes
+
+    common = dict(epochs=args.epochs, lr=args.lr, seed=args.seed, progress=progress)
+    if name in ("bbb", "bbb-mixture"):
+        target = model if name == "bbb" else _model(args, data, "mixture")[0]
+        guide = bbb.BBBGuide(target)
+        history = bbb.fit(target, guide, data.x_train, data.y_train, batch_size=args.batch_size,
+                          num_particles=args.particles, kl=args.kl, kl_weighting=args.kl_weighting, **common)
+        if history.interrupted:
+            raise KeyboardInterrupt(f"during {name} (epoch {len(history)} of {args.epochs})")
+        return target, guide
+    if name in ("diagonal", "lowrank", "fullrank", "flow"):
+        common["num_particles"] = args.particles
+    if name == "laplace":  # a BNN's Hessian at the MAP is rarely positive definite
+        return model, _laplace_with_jitter(schemes, model, data, common)
+    return model, schemes.fit_scheme(name, model, data.x_train, data.y_train, **common)
+
+
+def _laplace_with_jitter(schemes, model, data, common):
+    """Laplace with the smallest jitter in 0, 1, 10, ..., 1e4 that makes the precision
+    H + jitter * I positive definite (the report's settings do not hide it: see the warning)."""
+    for jitter in (None, 1.0, 10.0, 100.0, 1e3, 1e4):
+        try:
+            guide = schemes.laplace(model, data.x_train, data.y_train, jitter=jitter, **common)
+        except ValueError as err:
+            if "positive definite" not in str(err):
+                raise
+            continue
+        if jitter:
+            print(f"pyro-bbb: laplace needed jitter {jitter:g} (precision H + jitter * I)", file=sys.stderr)
+        return guide
+    raise ValueError("laplace: the precision stayed indefinite up to jitter 1e4; leave laplace out of --methods")
+
+
+def _compare_methods(args, data, model, progress, say):
+    """Every --methods scheme and the reference, in InferenceData, and the fidelity report."""
+    import pyro_bbb as bbb
+
+    ref = _reference_settings(args)
+    steps = len(args.methods) + 2
+    posteriors = {}
+    common = dict(x_test=data.x_test, y_test=data.y_test, seed=args.seed)
+    for i, name in enumerate(args.methods, 1):
+        say(f"[{i}/{steps}] {name}: {args.epochs} steps")
+        target, posterior = _fit_method(name, args, data, model, progress)
+        posteriors[name] = bbb.to_inference_data(target, posterior, data.x_train, data.y_train,
+                                                 num_samples=args.vi_samples, **common)
+    say(f"[{steps - 1}/{steps}] HMC reference: {ref['name']}, {ref['num_chains']} chains x "
+        f"({ref['warmup_steps']} warmup + {ref['num_samples']} draws)")
+    reference = _run_reference(args, model, data, progress)
+    say(f"[{steps}/{steps}] InferenceData and comparison")
+    hmc = bbb.to_inference_data(model, reference, data.x_train, data.y_train, **common)
+    report = bbb.compare(hmc, dict(posteriors))
+    return report, {**posteriors, "reference": hmc, "_reference": reference}
+
+
 def _settings(args, data, net, prior_text, history, reference) -> dict:
     """What the report says about the run (JSON-ready)."""
     return {
@@ -286,9 +367,11 @@ def _settings(args, data, net, prior_text, history, reference) -> dict:
                    + f" {args.activation}",
         "prior": prior_text,
         "noise": args.noise if data.task == "regression" else None,
+        "methods": args.methods,
         "bbb": {"epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
                 "particles": args.particles, "kl": args.kl, "kl_weighting": args.kl_weighting,
-                "seconds": round(history.seconds, 2), "final_elbo": float(history.elbo[-1])},
+                "seconds": round(history.seconds, 2) if history else None,
+                "final_elbo": float(history.elbo[-1]) if history else None},
         "reference": {"sampler": reference.sampler, **dict(reference.settings),
                       "seconds": round(reference.wall_time, 2)},
         "seed": args.seed,

@@ -164,13 +164,16 @@ def _swap_in(tmp: Path, out: Path, written: list | None) -> None:
             written.append(out)
 
 
-def write_report(out, report, settings: dict, *, force: bool = False, written: list | None = None) -> Path:
+def write_report(out, report, settings: dict, *, force: bool = False, written: list | None = None,
+                 posteriors: dict | None = None) -> Path:
     """Write the report folder at ``out`` atomically; return its path.
 
-    ``report`` is a :class:`pyro_bbb.compare.ComparisonReport`, ``settings`` the run's
-    settings (a JSON-ready dict).  ``written``, if given, gets the path appended the
-    moment the new folder is in place, so a caller interrupted just after the swap
-    knows the report exists."""
+    ``report`` is a :class:`pyro_bbb.compare.ComparisonReport` (one scheme) or a
+    :class:`pyro_bbb.fidelity.FidelityReport` (many), ``settings`` the run's settings (a
+    JSON-ready dict).  ``posteriors`` (name -> arviz.InferenceData), if given, are saved
+    as ``posterior_NAME.nc``, which ``arviz.from_netcdf`` reads back.  ``written``, if
+    given, gets the path appended the moment the new folder is in place, so a caller
+    interrupted just after the swap knows the report exists."""
     out = check_out(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
@@ -184,6 +187,8 @@ def write_report(out, report, settings: dict, *, force: bool = False, written: l
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_jsonable))
         (tmp / "report.md").write_text(to_markdown(report, settings, pictures))
         (tmp / "report.html").write_text(to_html(report, settings, pictures))
+        for name, idata in (posteriors or {}).items():
+            idata.to_netcdf(str(tmp / f"posterior_{name}.nc"))
         names = sorted(p.name for p in tmp.iterdir() if p.name != MARKER)
         (tmp / MARKER).write_text(json.dumps(names))
         _swap_in(tmp, out, written)
@@ -195,6 +200,8 @@ def write_report(out, report, settings: dict, *, force: bool = False, written: l
 
 def headline(report) -> str:
     """One line with the comparison's main number and the reference's verdict."""
+    if hasattr(report, "summary"):  # many schemes: the summary's first sentence says it
+        return ". ".join(report.summary().split(". ")[:2]).rstrip(".")  # the verdict, then the closest
     parts = []
     for scope, where in (("away", "away from the data"), ("in_data", "in the data")):
         try:
@@ -221,13 +228,16 @@ def settings_lines(settings: dict) -> list[str]:
     """The run's settings as Markdown list items."""
     ref = settings["reference"]
     bbb = settings["bbb"]
+    methods = settings.get("methods") or ["bbb"]
     lines = [
         f"- data: {settings['dataset']} ({settings['task']}), {settings['n_train']} training points, "
         f"{settings['n_test']} test inputs",
         f"- model: {settings['network']} network, prior {settings['prior']}"
         + (f", noise {settings['noise']}" if settings["noise"] is not None else ""),
-        f"- BBB: {bbb['epochs']} epochs, lr {bbb['lr']}, {bbb['particles']} particles, KL {bbb['kl']}, "
-        f"weighting {bbb['kl_weighting']}; {bbb['seconds']} s",
+        f"- schemes: {', '.join(methods)}; {bbb['epochs']} epochs (steps), lr {bbb['lr']}, "
+        f"{bbb['particles']} particles" + (f", KL {bbb['kl']}, weighting {bbb['kl_weighting']}"
+                                          if any(m.startswith("bbb") for m in methods) else "")
+        + (f"; {bbb['seconds']} s" if bbb.get("seconds") is not None else ""),
         f"- reference: {ref['sampler']}, {ref.get('num_chains')} chains x ({ref.get('warmup_steps')} warmup + "
         f"{ref.get('num_samples')} draws), target acceptance {ref.get('target_accept_prob')}"
         + (f", max tree depth {ref['max_tree_depth']}" if "max_tree_depth" in ref else "")
@@ -238,9 +248,14 @@ def settings_lines(settings: dict) -> list[str]:
     return lines
 
 
+def _title(report) -> str:
+    return "Inference schemes vs HMC: fidelity report" if hasattr(report, "summary") else \
+        "BBB vs HMC: comparison report"
+
+
 def to_markdown(report, settings: dict, pictures: list[str]) -> str:
     """The report folder's ``report.md``: settings, the comparison's tables, the pictures."""
-    lines = ["# BBB vs HMC: comparison report", ""]
+    lines = [f"# {_title(report)}", ""]
     if settings.get("command"):
         lines += [f"Command: `{settings['command']}`", ""]
     lines += settings_lines(settings) + [""]
@@ -254,20 +269,28 @@ def to_markdown(report, settings: dict, pictures: list[str]) -> str:
 
 def to_html(report, settings: dict, pictures: list[str]) -> str:
     """The report folder's ``report.html``, self-contained but for the pictures beside it."""
-    warn = "".join(f"<p class='warn'>{html.escape(w)}</p>" for w in report.warnings)
+    warnings = getattr(report, "warnings", None) or getattr(report, "reference_warnings", [])
+    warn = "".join(f"<p class='warn'>{html.escape(str(w))}</p>" for w in warnings)
+    summary = f"<p>{html.escape(report.summary())}</p>" if hasattr(report, "summary") else ""
     items = "".join(f"<li>{html.escape(s[2:])}</li>" for s in settings_lines(settings))
     imgs = "".join(f"<figure><img src='{p}' alt='{p}'><figcaption>{p}</figcaption></figure>" for p in pictures)
     cmd = f"<p>Command: <code>{html.escape(settings['command'])}</code></p>" if settings.get("command") else ""
-    weights = report.weight_space.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
+    space = getattr(report, "weight_space", None)
+    weights = "" if space is None else "<h2>Weight space</h2>" + space.to_html(
+        index=False, float_format=lambda v: f"{v:.4g}", border=0)
     table = report.table.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, na_rep="")
+    definitions = "".join(f"<li><code>{html.escape(k)}</code>: {html.escape(v)}</li>"
+                          for k, v in getattr(report, "definitions", {}).items() if k in report.table.columns)
+    definitions = f"<h2>Definitions</h2><ul>{definitions}</ul>" if definitions else ""
+    title = _title(report)
     return f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>BBB vs HMC</title>
+<html><head><meta charset="utf-8"><title>{title}</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border-bottom:1px solid #ddd;padding:3px 8px;text-align:right}}
 th{{background:#f3f3f3}}.warn{{background:#fff3cd;border:1px solid #e0c060;padding:.6em}}
 img{{max-width:100%}}figure{{display:inline-block;margin:.5em;max-width:48%}}</style></head>
-<body><h1>BBB vs HMC: comparison report</h1>{cmd}<ul>{items}</ul>{warn}
-<h2>Metrics</h2>{table}
-<h2>Weight space</h2>{weights}
+<body><h1>{title}</h1>{summary}{cmd}<ul>{items}</ul>{warn}
+<h2>Metrics</h2>{table}{definitions}
+{weights}
 <h2>Pictures</h2>{imgs}</body></html>
 """

@@ -134,6 +134,7 @@ def test_ctrl_c_during_bbb_writes_no_report(tmp_path, monkeypatch, capsys):
         (["compare", "--dataset", "mnist"], "--dataset"),
         (["compare", "--noise", "-1"], "--noise"),
         (["compare", "--hidden", "a,b"], "--hidden"),
+        (["compare", "--methods", "bbb,mcmc"], "--methods"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(argv, needle, capsys):
@@ -147,3 +148,22 @@ def test_bad_options_exit_2_with_one_line(argv, needle, capsys):
 def test_uci_without_data_dir_is_a_clean_error(capsys):
     assert cli.main(["compare", "--dataset", "uci", "--quiet"]) == 2
     assert "--data-dir" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_compare_many_methods_writes_the_fidelity_report_and_readable_posteriors(tmp_path):
+    import arviz as az
+
+    out = tmp_path / "out"
+    methods = "bbb,lowrank,ensemble,dropout"
+    assert cli.main(["compare", *TINY, "--chains", "8", "--methods", methods, "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics["schemes"]) == methods.split(",")
+    assert all(math.isfinite(metrics["schemes"][m]["w1_mean"]) for m in methods.split(","))
+    assert "summary" in metrics and metrics["settings"]["methods"] == methods.split(",")
+    for name in [*methods.split(","), "reference"]:
+        idata = az.from_netcdf(out / f"posterior_{name}.nc")
+        assert idata.predictions["f"].shape[-1] == metrics["settings"]["n_test"]
+    ens = az.from_netcdf(out / "posterior_ensemble.nc")
+    assert ens.posterior.sizes["chain"] == 1  # K members as one chain of K draws
+    assert (out / "scheme_bands.png").stat().st_size > 0 and "<table" in (out / "report.html").read_text()
