@@ -28,7 +28,7 @@ _PUBLIC = {
     "HMCReference": "hmc", "run_nuts": "hmc",
     "BayesianClassifier": "nn", "BayesianNetwork": "nn", "BayesianRegressor": "nn", "bayesianize": "nn",
     "to_inference_data": "inference_data",
-    "Prediction": "predict", "predict": "predict",
+    "Prediction": "predict", "predict": "predict", "as_draws": "predict",
     "PrunedBBBGuide": "prune", "PruneSummary": "prune", "prune": "prune",
     "ScaleMixtureNormal": "priors",
     "BBBLoss": "train", "History": "train", "NonFiniteLossError": "train", "fit": "train",
@@ -39,8 +39,8 @@ _PUBLIC = {
 def __getattr__(name):
     if name in _PUBLIC:
         value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
-    elif name == "datasets":
-        value = importlib.import_module(".datasets", __name__)
+    elif name in ("datasets", "schemes"):
+        value = importlib.import_module(f".{name}", __name__)
     else:
         raise AttributeError(f"module 'pyro_bbb' has no attribute {name!r}")
     globals()[name] = value  # later look-ups skip this function
@@ -85,6 +85,7 @@ __all__ = [
     "ScaleMixtureNormal",
     "bayesianize",
     "compare",
+    "as_draws",
     "datasets",
     "fit",
     "kl_weights",
@@ -92,5 +93,6 @@ __all__ = [
     "prune",
     "run_hmc",
     "run_nuts",
+    "schemes",
     "to_inference_data",
 ]
