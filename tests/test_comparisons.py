@@ -283,3 +283,42 @@ def test_uci_missing_data_message(tmp_path):
     proc = _run("uci.py", tmp_path, "--root", str(tmp_path / "nope"), ok=False)
     assert proc.returncode != 0
     assert "not found" in proc.stderr and "--root" in proc.stderr
+
+
+FIDELITY_QUICK_KEYS = ("yacht/split0", "yacht/gap0", "curve")
+FIDELITY_QUICK_SCHEMES = ("bbb", "ensemble", "dropout")
+
+
+@pytest.mark.slow
+def test_fidelity_quick(tmp_path):
+    if not (UCI_ROOT / "yacht" / "data.txt").is_file():
+        pytest.skip(f"UCI data not found under {UCI_ROOT} (set PYRO_BBB_UCI_ROOT to the folder holding yacht/)")
+    _run("fidelity.py", tmp_path, "--root", str(UCI_ROOT))
+
+    results = json.loads((tmp_path / "fidelity.json").read_text())
+    assert list(results) == list(FIDELITY_QUICK_KEYS)
+    cache = json.loads((tmp_path / "fidelity_cache_quick.json").read_text())["results"]
+    md = (tmp_path / "fidelity.md").read_text()
+    for key, table in results.items():
+        assert set(table) == set(FIDELITY_QUICK_SCHEMES), key
+        for scheme, row in table.items():
+            # w1 between two predictive samples of f: nonnegative, and the standardized targets
+            # (std 1) bound any sensible value far below 10
+            assert _finite(row["w1_mean"]) and 0 < row["w1_mean"] < 10, (key, scheme, row)
+            assert row["reference_converged"] is cache[key]["reference_converged"], (key, scheme)
+        # every data set's row and summary name the reference's verdict
+        verdict = ("reference converged" if cache[key]["reference_converged"]
+                   else f"reference not converged ({cache[key]['stop_reason']})")
+        assert f"| {key} | {verdict} |" in md, key
+        assert f"**{key}** ({verdict})" in md, key
+    # on a gap split every test input is away from the data: only the away-from-data ratio exists
+    gap = results["yacht/gap0"]["bbb"]
+    assert gap["std_ratio_median_in"] is None and _finite(gap["std_ratio_median_away"])
+    assert "## What the table shows" in md and "Foong et al." in md and "Izmailov et al." in md
+    assert "python comparisons/fidelity.py --quick" in md and "torch" in md
+    assert (tmp_path / "fidelity_curve").is_dir() and any((tmp_path / "fidelity_curve").glob("*.png"))
+
+    # a rerun with the same configuration resumes from the cache: nothing is recomputed
+    proc = _run("fidelity.py", tmp_path, "--root", str(UCI_ROOT))
+    assert "(3 problems cached)" in proc.stdout
+    assert json.loads((tmp_path / "fidelity.json").read_text()) == results
