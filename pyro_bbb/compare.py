@@ -726,7 +726,8 @@ def _weight_space(vi, hmc):
 # ----------------------------------------------------------------------------
 # Export helpers
 # ----------------------------------------------------------------------------
-def _plain(v):
+def json_value(v):
+    """A table cell as plain JSON: bool / int / float, NaN and inf as None, else str."""
     if isinstance(v, (bool, np.bool_)):
         return bool(v)
     if isinstance(v, (int, np.integer)):
@@ -740,7 +741,7 @@ def _plain(v):
 
 
 def _records(df: pd.DataFrame) -> list[dict]:
-    return [{str(k): _plain(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
+    return [{str(k): json_value(v) for k, v in row.items()} for row in df.to_dict(orient="records")]
 
 
 def _cell(v) -> str:

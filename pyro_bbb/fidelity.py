@@ -23,6 +23,7 @@ from .compare import (
     ESS_MIN,
     ComparisonReport,
     compare,
+    json_value,
     markdown_table,
     new_figure,
     rhat_passes,
@@ -134,7 +135,7 @@ class FidelityReport:
         >>> json.dumps(rep.to_dict())  # doctest: +SKIP
         """
         schemes = {
-            str(r["scheme"]): {k: _plain(v) for k, v in r.items() if k != "scheme"}
+            str(r["scheme"]): {k: json_value(v) for k, v in r.items() if k != "scheme"}
             for r in self.table.to_dict(orient="records")
         }
         return {
@@ -329,16 +330,6 @@ def _confidence(ratio: float) -> str:
     if ratio > UNDERCONFIDENT_ABOVE:
         return f"under-confident (std ratio {ratio:.2f})"
     return f"about right (std ratio {ratio:.2f})"
-
-
-def _plain(v):
-    if isinstance(v, (bool, np.bool_)):
-        return bool(v)
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        return float(v) if math.isfinite(v) else None
-    return None if v is None else str(v)
 
 
 # ----------------------------------------------------------------------------
