@@ -167,3 +167,29 @@ def test_compare_many_methods_writes_the_fidelity_report_and_readable_posteriors
     ens = az.from_netcdf(out / "posterior_ensemble.nc")
     assert ens.posterior.sizes["chain"] == 1  # K members as one chain of K draws
     assert (out / "scheme_bands.png").stat().st_size > 0 and "<table" in (out / "report.html").read_text()
+
+
+def test_sigterm_during_the_run_exits_130_and_leaves_no_folder(tmp_path):
+    # The run is stopped by SIGTERM (as a job scheduler does) while it trains.
+    import signal
+    import time
+
+    started = tmp_path / "started"
+    code = (
+        "import sys, time, pathlib, pyro_bbb\n"
+        "from pyro_bbb import cli\n"
+        "def slow_fit(*a, **k):\n"
+        f"    pathlib.Path({str(started)!r}).write_text('x')\n"
+        "    time.sleep(60)\n"
+        "pyro_bbb.fit = slow_fit\n"
+        f"sys.exit(cli.main(['compare', '--quiet', '--out', {str(tmp_path / 'out')!r}]))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not started.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert started.exists(), proc.stderr.read() if proc.poll() is not None else "never started"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    assert "no report was written" in proc.stderr.read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["started"]
