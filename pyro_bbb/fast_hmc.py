@@ -168,7 +168,7 @@ class Potential:
         self.dim = start
         #: Whether the network runs as a direct batched forward pass (a Sequential MLP;
         #: see ``BayesianNetwork.evaluate``) rather than through vmap.
-        self.fast_path = x.dim() == 2 and model.network._mlp_layers() is not None
+        self.fast_path = x.dim() == 2 and model.network.mlp_layers() is not None
 
     # -- layout ------------------------------------------------------------------------
     def unflatten(self, u: Tensor) -> tuple[dict[str, Tensor], Tensor]:

@@ -72,12 +72,8 @@ def mlp_layout(model) -> tuple[_Layer, ...] | None:
     if not isinstance(model, (BayesianRegressor, BayesianClassifier)):
         return None
     network = model.network
-    net = network.net
-    if type(net) is nn.Linear:
-        children = [("", net)]
-    elif type(net) is nn.Sequential:
-        children = [(f"{name}.", module) for name, module in net.named_children()]
-    else:
+    walk = network.mlp_layers()  # Linear site names and activation modules, or None
+    if walk is None:
         return None
     offsets, start = {}, 0
     priors = network.priors()
@@ -90,17 +86,15 @@ def mlp_layout(model) -> tuple[_Layer, ...] | None:
         if not isinstance(model.extra_priors()["noise"], LogNormal):
             return None
     layers, pending = [], None
-    for prefix, module in children:
-        if type(module) is nn.Linear:
-            names = [f"{prefix}weight"] + ([f"{prefix}bias"] if module.bias is not None else [])
-            if any(n not in offsets for n in names):
-                return None  # a deterministic (excluded) parameter
+    for step in walk:
+        if isinstance(step, tuple):  # a Linear layer: (weight, bias | None) site names
             if pending is not None:
                 layers.append(pending)
-            bias = offsets[names[1]] if len(names) == 2 else None
-            pending = _Layer(offsets[names[0]], bias, module.out_features, module.in_features, None)
-        elif type(module) in _ACTIVATIONS and pending is not None and pending.activation is None:
-            pending = pending._replace(activation=_ACTIVATIONS[type(module)])
+            weight, bias = step
+            fan_out, fan_in = network.site_shapes[weight]
+            pending = _Layer(offsets[weight], offsets[bias] if bias else None, fan_out, fan_in, None)
+        elif type(step) in _ACTIVATIONS and pending is not None and pending.activation is None:
+            pending = pending._replace(activation=_ACTIVATIONS[type(step)])
         else:
             return None
     if pending is None or pending.activation is not None:

@@ -100,7 +100,7 @@ class BayesianNetwork(PyroModule):
         shape ``batch_shape + output_shape``, computed in one vmapped call.
         """
         batch_shape = self.batch_shape(weights)
-        layers = self._mlp_layers()
+        layers = self.mlp_layers()
         if not batch_shape:
             if layers is not None:  # what nn.Linear runs, minus functional_call's module swaps
                 return self._mlp_forward(layers, weights, x, batched=False)
@@ -116,10 +116,11 @@ class BayesianNetwork(PyroModule):
         )(flat)
         return out.reshape(batch_shape + out.shape[1:])
 
-    def _mlp_layers(self):
+    def mlp_layers(self):
         """For a ``Linear`` or an ``nn.Sequential`` of ``Linear`` and parameter-free
         elementwise modules whose parameters are all sample sites: the layers, as
-        ``(weight, bias | None)`` site names or a module.  None for any other network."""
+        ``(weight, bias | None)`` site names or a module.  None for any other network
+        (the direct forward here and the fused HMC potential read it)."""
         if not hasattr(self, "_mlp_cache"):
             self._mlp_cache = _mlp_layers(self.net, self.site_shapes)
         return self._mlp_cache
@@ -468,7 +469,7 @@ def _sites_of(layers):
 
 
 def _mlp_layers(net: nn.Module, site_shapes: Mapping[str, torch.Size]):
-    """See :meth:`BayesianNetwork._mlp_layers`."""
+    """See :meth:`BayesianNetwork.mlp_layers`."""
     if type(net) is nn.Linear:
         children = [("", net)]
     elif type(net) is nn.Sequential:

@@ -59,14 +59,14 @@ def test_batched_evaluation_equals_per_draw_loop(module, x):
 def test_mlp_direct_forward_broadcasts_and_falls_back():
     x = torch.randn(7, 3)
     bnn = bayesianize(nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)), N01)
-    assert bnn._mlp_layers() is not None  # matrix products with a leading draw dimension
+    assert bnn.mlp_layers() is not None  # matrix products with a leading draw dimension
     # sites with different leading shapes broadcast as they do through vmap
     weights = {n: torch.randn(*((4,) if n.endswith("weight") else ()), *s) for n, s in bnn.site_shapes.items()}
     expanded = {n: v.expand(4, *bnn.site_shapes[n]) for n, v in weights.items()}
     torch.testing.assert_close(bnn.evaluate(weights, x), _loop(bnn, expanded, x))
     # a deterministic (excluded) layer, or a non-2-D input, takes the general vmap path
     partly = bayesianize(nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2)), N01, exclude=["0"])
-    assert partly._mlp_layers() is None
+    assert partly.mlp_layers() is None
     draws = {n: torch.randn(4, *s) for n, s in partly.site_shapes.items()}
     torch.testing.assert_close(partly.evaluate(draws, x), _loop(partly, draws, x))
 
@@ -80,7 +80,7 @@ def test_mlp_forward_in_place_activations_leave_inputs_and_gradients_intact(lead
     module = nn.Sequential(nn.Tanh(), nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4, bias=False), nn.Sigmoid(),
                            nn.Linear(4, 2))
     bnn = bayesianize(module, N01)
-    assert bnn._mlp_layers() is not None
+    assert bnn.mlp_layers() is not None
     x = torch.randn(7, 3)
     x_before = x.clone()
     weights = {n: torch.randn(*lead, *s, requires_grad=True) for n, s in bnn.site_shapes.items()}
