@@ -907,8 +907,9 @@ def run_hmc(
         ``result.stop_reason`` (``"converged"``, ``"time_limit"``, ``"max_samples"``;
         ``"num_samples"`` for a plain run) say which.
     time_limit : float, optional
-        Seconds for the whole run; no block starts that the last block's time says
-        would end past it.
+        Seconds for the whole run, warmup included: sampling stops at the first
+        transition that ends past it (after at least :data:`MIN_TIMED_DRAWS` draws
+        per chain; warmup always runs to its end).
     max_samples : int, optional
         Cap on the draws per chain.
     seed : int, default 0
@@ -1080,12 +1081,23 @@ def run_hmc(
     )
 
 
-def _sample_block(state, fn, generator, kernel, first_iteration, num, bar):
-    """``num`` post-warmup transitions with the adapted kernel; positions and stats."""
+#: Draws per chain a time-limited run takes whatever its clock says: split R-hat needs
+#: two halves of at least two draws.
+MIN_TIMED_DRAWS = 4
+
+
+def _sample_block(state, fn, generator, kernel, first_iteration, num, bar, deadline=None, drawn=0):
+    """Up to ``num`` post-warmup transitions with the adapted kernel; positions and
+    stats.  With a ``deadline`` (a ``time.perf_counter()`` value) the block ends once
+    the clock is past it, if the run (``drawn`` draws before this block) holds
+    :data:`MIN_TIMED_DRAWS` draws by then."""
     step_size, length, inv_mass = kernel["step_size"], kernel["length"], kernel["inv_mass"]
     num_chains = state.position.shape[0]
     draws, stats = [], {k: [] for k in SAMPLE_STATS}
     for i in range(first_iteration, first_iteration + num):
+        if (deadline is not None and drawn + len(draws) >= MIN_TIMED_DRAWS
+                and time.perf_counter() > deadline):
+            break
         n = num_leapfrog_steps(length, step_size, halton(i + 1), kernel["max_leapfrog_steps"])
         state, info = hmc_step(state, fn, step_size=step_size, inv_mass=inv_mass, n_steps=n,
                                generator=generator)
@@ -1106,28 +1118,30 @@ def _sample_block(state, fn, generator, kernel, first_iteration, num, bar):
 def _sample_blocks(state, potential, x_test, generator, kernel, budget, num_samples,
                    first_iteration, num_superchains, bar):
     """Blocks of ``num_samples`` draws per chain; one block unless ``until_converged``,
-    then more until :func:`reference_converged` or the budget says stop (no block is
-    started that would end past ``time_limit``, judged by the last block's time)."""
+    then more until :func:`reference_converged` or the budget says stop.  The time
+    limit is read after every transition, so a run ends within one transition of it
+    (once it holds :data:`MIN_TIMED_DRAWS` draws)."""
     from .predict import batched_outputs
 
     model, num_chains = potential.model, state.position.shape[0]
     draws, stats, fs, total = [], {k: [] for k in SAMPLE_STATS}, [], 0
     size = min(num_samples, budget["max_samples"] or num_samples)
+    deadline = (None if budget["time_limit"] is None
+                else budget["start_time"] + budget["time_limit"])
     while True:
-        block_start = time.perf_counter()
         state, block, block_stats = _sample_block(state, potential.value_and_grad, generator, kernel,
-                                                  first_iteration + total, size, bar)
+                                                  first_iteration + total, size, bar, deadline, total)
         draws += block
         for k, v in block_stats.items():
             stats[k] += v
         values, _ = potential.unflatten(torch.stack(block, 1).reshape(-1, potential.dim))
         with torch.no_grad():
-            f = batched_outputs(model, values, x_test).reshape(num_chains, size, -1)
+            f = batched_outputs(model, values, x_test).reshape(num_chains, len(block), -1)
         fs.append(f.cpu().numpy().astype(np.float64))
-        total += size
+        total += len(block)
         diagnostics = _f_diagnostics(np.concatenate(fs, 1), num_superchains)
         converged = reference_converged(diagnostics)
-        stop = _stop_reason(converged, budget, total, time.perf_counter() - block_start)
+        stop = _stop_reason(converged, budget, total, deadline)
         if stop is not None:
             break
         if budget["max_samples"] is not None:
@@ -1141,7 +1155,7 @@ def _sample_blocks(state, potential, x_test, generator, kernel, budget, num_samp
             "converged": converged, "stop_reason": stop}
 
 
-def _stop_reason(converged, budget, total, block_seconds):
+def _stop_reason(converged, budget, total, deadline):
     """Why sampling stops after a block, or None to draw another."""
     if not budget["until_converged"]:
         return "num_samples"
@@ -1149,8 +1163,7 @@ def _stop_reason(converged, budget, total, block_seconds):
         return "converged"
     if budget["max_samples"] is not None and total >= budget["max_samples"]:
         return "max_samples"
-    elapsed = time.perf_counter() - budget["start_time"]
-    if budget["time_limit"] is not None and elapsed + block_seconds > budget["time_limit"]:
+    if deadline is not None and time.perf_counter() > deadline:
         return "time_limit"
     return None
 

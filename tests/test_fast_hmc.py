@@ -23,6 +23,7 @@ import torch
 import pyro_bbb as bbb
 from pyro_bbb.fast_hmc import (
     ChEESReference,
+    MIN_TIMED_DRAWS,
     HMCInfo,
     Potential,
     adaptation_windows,
@@ -717,17 +718,32 @@ def test_until_converged_stops_when_converged(conjugate_model):
 
 @pytest.mark.parametrize("budget, reason, draws", [({"max_samples": 10}, "max_samples", 10),
                                                    ({"max_samples": 3}, "max_samples", 3),
-                                                   ({"time_limit": 1e-3}, "time_limit", 5)])
+                                                   ({"time_limit": 1e-3}, "time_limit", 4)])
 def test_until_converged_reports_the_limit(conjugate_model, budget, reason, draws):
     model, ref = conjugate_model
     # 4 chains x at most 10 draws: ESS cannot reach 400 (ArviZ caps it at n log10 n).
     run = run_hmc(model, ref.x, ref.y, num_chains=4, num_samples=5, warmup_steps=20,
                   until_converged=True, seed=0, progress=False, **budget)
     assert not run.converged and run.stop_reason == reason
-    assert run.samples["weight"].shape[1] == draws  # blocks of 5, never past max_samples
+    # Blocks of 5, never past max_samples; a spent clock still leaves MIN_TIMED_DRAWS.
+    assert run.samples["weight"].shape[1] == draws
     plain = run_hmc(model, ref.x, ref.y, num_chains=4, num_samples=5, warmup_steps=20, seed=0,
                     progress=False)
     assert plain.stop_reason == "num_samples" and not plain.converged
+
+
+def test_time_limit_stops_inside_a_block(conjugate_model):
+    model, ref = conjugate_model
+    # One block of a million draws would take hours; the clock is read after every
+    # transition, so the run ends about a second in (10 s allows for a loaded machine);
+    # the draws the clock allowed are then checked, and may pass on this easy posterior.
+    run = run_hmc(model, ref.x, ref.y, num_chains=4, num_samples=10**6, warmup_steps=20,
+                  until_converged=True, time_limit=1.0, seed=0, progress=False)
+    assert run.stop_reason in ("time_limit", "converged")
+    assert run.converged == (run.stop_reason == "converged")
+    assert MIN_TIMED_DRAWS <= run.samples["weight"].shape[1] < 10**6
+    assert run.wall_time < 10.0
+    assert run.sample_stats["lp"].shape == (4, run.samples["weight"].shape[1])
 
 
 @pytest.mark.parametrize("kwargs, name", [
