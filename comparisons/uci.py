@@ -85,8 +85,9 @@ CONFIGS = {
     "full": dict(
         datasets=DATASETS, splits=20,
         bbb=dict(steps=600, lr=0.01, num_particles=8, init_scale=1e-3, num_samples=500),
-        hmc=dict(num_chains=8, warmup_steps=300, num_samples=100, max_leapfrog_steps=48,
-                 target_accept_prob=0.8),
+        # Sample on until the reference check passes or a minute (warmup included) is up.
+        hmc=dict(num_chains=16, num_superchains=4, init="map", warmup_steps=300, num_samples=100,
+                 max_leapfrog_steps=64, target_accept_prob=0.8, until_converged=True, time_limit=60.0),
         hmc_splits=20,
     ),
 }
@@ -215,20 +216,27 @@ def run_bbb(data, prior, cfg, seed) -> dict:
 
 def run_hmc_split(data, cfg, seed) -> dict:
     model = make_model(data.x_train.shape[1], "gaussian", seed)
+    cpu_start = time.process_time()
     ref = bbb.run_hmc(model, data.x_train, data.y_train, x_test=data.x_test, seed=seed,
                       progress=False, **cfg["hmc"])
+    cpu_seconds = time.process_time() - cpu_start
     out = scores(model, posterior_draws(ref), data.x_test, data.y_test, data.y_std)
     d = ref.diagnostics
     rhat = np.asarray(d["rhat_f"], dtype=float)
     noise = ref.samples["noise"].reshape(ref.samples["noise"].shape[:2]).double()
     out.update(
+        converged=bool(ref.converged),
+        stop_reason=ref.stop_reason,
+        draws_per_chain=int(noise.shape[1]),
         chain_noise_mean=(noise.mean(1) * data.y_std).tolist(),
         chain_lp_mean=np.asarray(ref.sample_stats["lp"]).mean(1).tolist(),
         train_seconds=ref.wall_time,
+        cpu_seconds=cpu_seconds,
         max_rhat_f=float(d["max_rhat_f"]),
         median_rhat_f=float(np.nanmedian(rhat)),
         share_rhat_below_1_1=float(np.mean(rhat < 1.1)),
         min_ess_bulk_f=float(d["min_ess_bulk_f"]),
+        min_ess_tail_f=float(d["min_ess_tail_f"]),
         median_ess_bulk_f=float(d["median_ess_bulk_f"]),
         max_nested_rhat_f=float(d.get("max_nested_rhat_f", math.nan)),
         divergences=int(d["divergences"]),
@@ -245,15 +253,51 @@ def run_one(method, data, cfg, split) -> dict:
     return run_bbb(data, "gaussian" if method == "bbb_gaussian" else "mixture", cfg, seed=split)
 
 
+def run_timed(job, cfg, root, threads=1) -> tuple:
+    """One (data set, method, split) run, timed and stamped: the unit a worker does."""
+    torch.set_num_threads(threads)
+    name, method, split = job
+    t0 = time.perf_counter()
+    r = run_one(method, load_split(name, split, root), cfg, split)
+    r["seconds"] = time.perf_counter() - t0
+    r["finished_at"] = time.time()
+    return job, r
+
+
+def run_jobs(jobs, cfg, root, workers, threads=1):
+    """Yield ``(job, result)`` as runs finish: in this process, or in ``workers``
+    processes (each result is cached by the caller as soon as it arrives, so an
+    interrupted study loses only the runs in flight)."""
+    if workers <= 1:
+        for job in jobs:
+            yield run_timed(job, cfg, root, threads)
+        return
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(run_timed, job, cfg, root, threads) for job in jobs]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
 # -- the cache --------------------------------------------------------------------------------
 def config_fingerprint(cfg, root: Path) -> dict:
-    fp = dict(cfg, mixture_prior=MIXTURE_PRIOR, gaussian_prior=GAUSSIAN_PRIOR, hidden=HIDDEN,
-              lr_stages=LR_STAGES, root=str(root.resolve()), script_version=1)
+    """What each method's results depend on, per method: a change to HMC's settings
+    leaves the BBB results in the cache valid, and the other way round."""
+    common = dict(gaussian_prior=GAUSSIAN_PRIOR, hidden=HIDDEN, root=str(root.resolve()), script_version=2)
+    bbb_part = dict(common, bbb=cfg["bbb"], mixture_prior=MIXTURE_PRIOR, lr_stages=LR_STAGES)
+    fp = {"bbb_gaussian": bbb_part, "bbb_mixture": bbb_part, "hmc": dict(common, hmc=cfg["hmc"])}
     return json.loads(json.dumps(fp))  # tuples -> lists, as read back from the file
 
 
 class Cache:
-    """Results per 'dataset/method/split', written (atomically) after each one."""
+    """Results per 'dataset/method/split', written (atomically) after each one; a
+    method's results are kept on resume only if its fingerprint is unchanged."""
 
     def __init__(self, path: Path, fingerprint: dict):
         self.path, self.fingerprint = path, fingerprint
@@ -263,11 +307,14 @@ class Cache:
                 saved = json.loads(path.read_text())
             except json.JSONDecodeError:
                 saved = {}
-            if saved.get("config") == fingerprint:
-                self.results = saved.get("results", {})
-                print(f"[uci] resuming from {path} ({len(self.results)} results cached)", flush=True)
-            else:
-                print(f"[uci] {path} was made with another configuration: starting afresh", flush=True)
+            config = saved.get("config", {})
+            kept = {m for m, fp in fingerprint.items() if config.get(m) == fp}
+            self.results = {k: v for k, v in saved.get("results", {}).items()
+                            if k.split("/")[1] in kept}
+            stale = sorted(set(fingerprint) - kept)
+            print(f"[uci] resuming from {path} ({len(self.results)} results cached"
+                  + (f"; {', '.join(stale)} made with other settings, run afresh" if stale else "")
+                  + ")", flush=True)
 
     @staticmethod
     def key(name, method, split) -> str:
@@ -407,6 +454,11 @@ def digits_for(name):
     return 3 if name == "wine-quality-red" else 2
 
 
+def converged_splits(cache, name, splits) -> int:
+    """Splits on which the HMC reference passed its own convergence check."""
+    return sum(bool((cache.get(name, "hmc", s) or {}).get("converged")) for s in splits)
+
+
 def mean_noise(cache, name, method, splits) -> float:
     rs = [cache.get(name, method, s) for s in splits]
     return float(np.mean([r["noise_mean"] for r in rs if r is not None]))
@@ -419,7 +471,12 @@ def results_table(summary, cache, splits_of) -> str:
         for method in METHODS:
             if method in res:
                 r = res[method]
-                rows.append([name, METHOD_LABELS[method], r["n_splits"], fmt(r["rmse_mean"], r["rmse_se"], k),
+                label = METHOD_LABELS[method]
+                if method == "hmc":
+                    k_ok = converged_splits(cache, name, splits_of(method))
+                    label += (f" (converged on {k_ok} of {r['n_splits']} splits"
+                              + ("" if k_ok == r["n_splits"] else ": not a reference") + ")")
+                rows.append([name, label, r["n_splits"], fmt(r["rmse_mean"], r["rmse_se"], k),
                              fmt(r["ll_mean"], r["ll_se"], k),
                              f"{mean_noise(cache, name, method, splits_of(method)):.3g}"])
         for pub in PUBLISHED_METHODS if name in PUBLISHED else ():
@@ -459,36 +516,75 @@ def hmc_table(cache, datasets, hmc_splits) -> str:
             continue
 
         def med(key, f="{:.2f}"):
-            return f.format(float(np.median([r[key] for r in rs])))
+            return f.format(float(np.median([r.get(key, math.nan) for r in rs])))
 
+        converged = sum(bool(r.get("converged")) for r in rs)
         rows.append([
-            name, len(rs), med("max_rhat_f"), med("median_rhat_f"),
+            name, f"{converged} of {len(rs)}", med("max_rhat_f", "{:.3f}"), med("median_rhat_f", "{:.3f}"),
+            med("max_nested_rhat_f", "{:.3f}"),
             f"{100 * np.mean([r['share_rhat_below_1_1'] for r in rs]):.0f}%",
-            med("min_ess_bulk_f", "{:.0f}"), med("median_ess_bulk_f", "{:.0f}"),
-            sum(r["divergences"] for r in rs), med("acceptance"), med("step_size", "{:.2g}"),
-            med("mean_leapfrog_steps", "{:.0f}"), med("train_seconds", "{:.0f}"),
+            med("min_ess_bulk_f", "{:.0f}"), med("min_ess_tail_f", "{:.0f}"),
+            sum(r["divergences"] for r in rs), med("step_size", "{:.2g}"),
+            med("mean_leapfrog_steps", "{:.0f}"), med("draws_per_chain", "{:.0f}"),
+            med("cpu_seconds", "{:.0f}"),
         ])
     return cls.write_markdown_table(rows, [
-        "data set", "splits", "max R-hat f(x*) (median over splits)", "median R-hat",
-        "test points with R-hat < 1.1", "min bulk ESS", "median bulk ESS", "divergences (all)",
-        "acceptance", "step size", "leapfrog steps / iter", "seconds / split",
+        "data set", "converged splits", "max R-hat f(x*)", "median R-hat", "max nested R-hat",
+        "test points with R-hat < 1.1", "min bulk ESS", "min tail ESS", "divergences (all)",
+        "step size", "leapfrog steps / iter", "draws / chain", "CPU s / split",
     ])
 
 
-def paired_table(cache, datasets, hmc_splits) -> str:
-    """BBB and HMC on the same splits (those HMC ran on)."""
+def hmc_setup(h, hmc_splits) -> str:
+    """The HMC settings in words."""
+    start = ("short MAP fits from prior draws, one per superchain" if h.get("init") == "map"
+             else "prior draws")
+    groups = (f" in {h['num_superchains']} superchains" if h.get("num_superchains") else "")
+    budget = (f"then blocks of {h['num_samples']} draws until the reference check passes (max R-hat of "
+              f"f(x*) <= 1.01, bulk and tail ESS >= 400 at every test input) or "
+              f"{h['time_limit']:.0f} s (warmup included) are up" if h.get("until_converged")
+              else f"{h['num_samples']} draws")
+    return (f"`run_hmc` on the `bbb_gaussian` model (same N(0,1) prior, same LogNormal(0,1) noise prior), "
+            f"splits {hmc_splits[0]}-{hmc_splits[-1]}: {h['num_chains']} chains{groups} started from {start}, "
+            f"{h['warmup_steps']} warmup iterations, {budget}; at most {h['max_leapfrog_steps']} leapfrog "
+            f"steps per iteration, target acceptance {h['target_accept_prob']}. All draws are pooled for "
+            "prediction. Diagnostics on the network output f(x*) at the test inputs: rank-normalised split "
+            "R-hat, bulk and tail ESS (ArviZ) and nested R-hat across superchains; the table gives medians "
+            "over splits, and CPU time per split includes the MAP fits and warmup. **A split whose "
+            "reference did not pass its check has no reference**: its HMC numbers describe the chains, "
+            "not the posterior, and nothing below ranks BBB against them.")
+
+
+def verdict_table(cache, datasets, hmc_splits) -> str:
+    """Each split's verdict: max R-hat of f(x*), and a check mark where the reference
+    passed (R-hat <= 1.01 as printed, bulk and tail ESS >= 400 at every test input)."""
     rows = []
     for name in datasets:
         row = [name]
+        for s_ in hmc_splits:
+            r = cache.get(name, "hmc", s_)
+            row.append("-" if r is None else
+                       f"{'**ok** ' if r.get('converged') else ''}{r['max_rhat_f']:.3f}")
+        rows.append(row)
+    return cls.write_markdown_table(rows, ["data set"] + [f"split {s_}" for s_ in hmc_splits])
+
+
+def paired_table(cache, datasets, hmc_splits) -> str:
+    """BBB and HMC on the splits where the HMC reference passed its check (the only
+    ones on which BBB can be judged against it)."""
+    rows = []
+    for name in datasets:
+        ok = [s_ for s_ in hmc_splits if (cache.get(name, "hmc", s_) or {}).get("converged")]
+        row = [name, len(ok)]
         for method in METHODS:
-            rs = [cache.get(name, method, s) for s in hmc_splits]
-            if any(r is None for r in rs) or not rs:
+            rs = [cache.get(name, method, s_) for s_ in ok]
+            if not rs or any(r is None for r in rs):
                 row += ["-", "-"]
                 continue
             k = digits_for(name)
             row += [fmt(*cls.mean_se([r["rmse"] for r in rs]), k), fmt(*cls.mean_se([r["ll"] for r in rs]), k)]
         rows.append(row)
-    header = ["data set"]
+    header = ["data set", "converged splits"]
     for method in METHODS:
         header += [f"RMSE {METHOD_LABELS[method]}", f"LL {METHOD_LABELS[method]}"]
     return cls.write_markdown_table(rows, header)
@@ -501,6 +597,45 @@ def reference_epochs(root: Path, datasets) -> str:
         if path.is_file():
             parts.append(f"{name} {path.read_text().split()[0]}")
     return ", ".join(parts)
+
+
+def hmc_interpretation(cache, datasets, hmc_splits) -> str:
+    """What the HMC rows say: on how many splits the reference converged, at what
+    cost, why not elsewhere, and BBB against it where it did."""
+    runs = {(n, s_): cache.get(n, "hmc", s_) for n in datasets for s_ in hmc_splits}
+    runs = {k: r for k, r in runs.items() if r is not None}
+    if not runs:
+        return ""
+    ok = {k: r for k, r in runs.items() if r.get("converged")}
+    per_set = ", ".join(f"{n} {converged_splits(cache, n, hmc_splits)}/"
+                        f"{sum(k[0] == n for k in runs)}" for n in datasets if any(k[0] == n for k in runs))
+    cpu = [r.get("cpu_seconds", r["train_seconds"]) for r in runs.values()]
+    text = [f"**The HMC reference converged on {len(ok)} of {len(runs)} splits** ({per_set}), at "
+            f"{np.median(cpu):.0f} CPU s per split (median; {sum(cpu) / 3600:.2f} CPU hours in all)."]
+    bad = [r for k, r in runs.items() if k not in ok]
+    if bad:
+        spread = [max(r["chain_noise_mean"]) / min(r["chain_noise_mean"]) for r in bad]
+        nested = [r["max_nested_rhat_f"] for r in bad if math.isfinite(r.get("max_nested_rhat_f", math.nan))]
+        text.append(
+            f"Where it did not, the median over those splits of the max R-hat of f(x*) is "
+            f"{np.median([r['max_rhat_f'] for r in bad]):.2f}"
+            + (f" and of the max nested R-hat across superchains {np.median(nested):.2f}" if nested else "")
+            + f"; the chains' posterior-mean noise std differs by a factor of {np.median(spread):.2f} "
+            "between the chain with the largest and the one with the smallest (median over splits). The "
+            "noise std is one number fixed by a few hundred residuals, which a chain in equilibrium knows "
+            "to a few per cent, so chains that disagree on it by that much sit in modes of the network's "
+            "posterior that fit the data differently well and that they do not leave: more draws within "
+            "this budget do not make them agree. These splits have no reference.")
+    if ok:
+        pairs = [(r, cache.get(n, "bbb_gaussian", s_)) for (n, s_), r in ok.items()]
+        pairs = [(h, b) for h, b in pairs if b is not None]
+        if pairs:
+            text.append(
+                f"On the {len(pairs)} splits with a reference, HMC minus BBB (N(0,1) prior): RMSE "
+                f"{np.mean([h['rmse'] - b['rmse'] for h, b in pairs]):+.3g}, LL "
+                f"{np.mean([h['ll'] - b['ll'] for h, b in pairs]):+.3g} (mean over those splits, original "
+                "units).")
+    return " ".join(text)
 
 
 def interpretation(summary, targets, cache, datasets, hmc_splits, mode, num_chains, epochs_note="") -> str:
@@ -534,62 +669,9 @@ def interpretation(summary, targets, cache, datasets, hmc_splits, mode, num_chai
             f"{'better' if best['ll_mean'] > drop_l else 'worse'} on LL"
         )
     text.append("Per data set (RMSE / LL): " + "; ".join(per) + ".")
-    hmc_bits, rhats, noise_ratio = [], [], []
-    for name in datasets:
-        rs = [(cache.get(name, "hmc", s), cache.get(name, "bbb_gaussian", s)) for s in hmc_splits]
-        rs = [(h, b) for h, b in rs if h is not None and b is not None]
-        if not rs:
-            continue
-        d_rmse = np.mean([h["rmse"] - b["rmse"] for h, b in rs])
-        d_ll = np.mean([h["ll"] - b["ll"] for h, b in rs])
-        rhats += [h["max_rhat_f"] for h, _ in rs]
-        nh, nb = np.mean([h["noise_mean"] for h, _ in rs]), np.mean([b["noise_mean"] for _, b in rs])
-        noise_ratio.append((name, nh / nb))
-        hmc_bits.append(f"{name}: RMSE {d_rmse:+.3g}, LL {d_ll:+.3g}, noise std {nh:.3g} vs {nb:.3g}")
-    lost, poor = [], []
-    for name in datasets:
-        for s_ in hmc_splits:
-            h, b = cache.get(name, "hmc", s_), cache.get(name, "bbb_gaussian", s_)
-            if h is None or b is None or h["rmse"] <= 2 * b["rmse"]:
-                continue
-            desc = (f"{name} split {s_} (RMSE {h['rmse']:.3g} vs BBB {b['rmse']:.3g}, pooled noise std "
-                    f"{h['noise_mean']:.3g} vs {b['noise_mean']:.3g}, max R-hat {h['max_rhat_f']:.2f})")
-            (lost if h["noise_mean"] > 5 * b["noise_mean"] else poor).append(desc)
-    if lost or poor:
-        bits = ["HMC runs with a test RMSE more than twice BBB's on the same split."]
-        if lost:
-            bits.append(
-                "With a pooled noise std more than 5 times BBB's: " + "; ".join(lost) + ". There, most "
-                "likely, a chain never found the data: started from a prior draw, it stays at a large "
-                "noise with its network roaming the prior (a diagnostic run of energy split 1 under "
-                "run_hmc's earlier warmup schedule showed one of 8 chains at noise std 55 against "
-                "0.05-0.23 for the others, in standardized units). Pooling such draws ruins the "
-                "predictive mean (RMSE) far more than the log predictive density, which the other "
-                "chains carry.")
-        if poor:
-            bits.append(
-                "With a pooled noise std close to BBB's: " + "; ".join(poor) + ". No chain is lost at a "
-                "huge noise there; the chains have not mixed (R-hat), and these runs were not examined "
-                "further.")
-        bits.append("Nothing here drops chains, so the HMC means above include all of them.")
-        text.append(" ".join(bits))
-    if hmc_bits:
-        higher = [n for n, q in noise_ratio if q > 1.1]
-        text.append(
-            "HMC minus BBB with the same N(0,1) prior, paired on the HMC splits, and the posterior mean "
-            "noise std of HMC vs BBB: " + "; ".join(hmc_bits) + ". "
-            f"HMC has not converged at this budget: the largest R-hat of f(x*) per run lies between "
-            f"{min(rhats):.2f} and {max(rhats):.2f} (1.01 is the usual bar) and bulk ESS is a few dozen "
-            "at most (table above). Chains start from prior draws and each settles in its own mode of "
-            "the network's posterior, so the pooled draws are a mixture over a handful of modes, "
-            "sampled locally. "
-            + (f"On {', '.join(higher)} HMC's noise std is more than 10% above BBB's: mean-field VI tends to "
-               "overestimate the noise rather than underestimate it, so this more likely says that the "
-               "chains have not yet reached the bulk of the posterior than that BBB overfits. "
-               if higher else "")
-            + "The HMC rows are therefore a check that BBB is in the right range, not an exact-posterior "
-            "reference; a real one needs far longer runs than this study's budget (see Setup)."
-        )
+    hmc_text = hmc_interpretation(cache, datasets, hmc_splits)
+    if hmc_text:
+        text.append(hmc_text)
     better = lambda r, rmse, ll: (r["rmse_mean"] < rmse, r["ll_mean"] > ll)  # noqa: E731
     beat_drop = [n for n, t in targets.items()
                  if all(better(summary[n][t["best"]], PUBLISHED[n]["dropout"][0][0],
@@ -692,16 +774,16 @@ def write_report(path, summary, targets, cache, cfg, mode, total, hmc_splits, ro
         parts += [
             "## HMC reference and its convergence",
             "",
-            f"`run_hmc` on the `bbb_gaussian` model (same N(0,1) prior, same LogNormal(0,1) noise "
-            f"prior), splits {list(hmc_splits)} only: {h['num_chains']} chains x ({h['warmup_steps']} "
-            f"warmup + {h['num_samples']} draws), at most {h['max_leapfrog_steps']} leapfrog steps per "
-            f"iteration, chains started from prior draws, all {h['num_chains'] * h['num_samples']} draws "
-            "pooled for prediction. Diagnostics from `run_hmc` on the network output f(x*) at the test "
-            "inputs (rank-normalised split R-hat and bulk ESS, ArviZ); the table gives medians over splits.",
+            hmc_setup(h, hmc_splits),
             "",
             hmc_table(cache, summary, hmc_splits),
             "",
-            "BBB and HMC on the same splits (the HMC splits only):",
+            "Each split's verdict (max R-hat of f(x*) over the test inputs; **ok**: the reference "
+            "passed its check):",
+            "",
+            verdict_table(cache, summary, hmc_splits),
+            "",
+            "BBB and HMC on the same splits, those where the reference passed its check only:",
             "",
             paired_table(cache, summary, hmc_splits),
             "",
@@ -801,9 +883,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", type=Path, default=cls.DEFAULT_OUT, help="output folder")
     parser.add_argument("--root", default=None, help="UCI data folder (default: $PYRO_BBB_UCI_ROOT, "
                         "else <repo>/../shared/data/uci)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run (default 1)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="runs in parallel processes, each with --threads threads (default 1)")
     parser.add_argument("--tune", action="store_true", help="score BBB settings on validation rows instead")
     args = parser.parse_args(argv)
+    if args.workers < 1 or args.threads < 1:
+        parser.error("--workers and --threads must be at least 1")
     torch.set_num_threads(args.threads)
     mode = "quick" if args.quick else "full"
     cfg = CONFIGS[mode]
@@ -828,21 +914,16 @@ def main(argv=None) -> dict:
                     continue
                 jobs.append((name, method, split))
     cached = sum(cache.get(*j) is not None for j in jobs)
-    print(f"[uci] {mode}: {len(jobs)} runs ({cached} cached), data {root}", flush=True)
-    loaded = {}
-    for i, (name, method, split) in enumerate(jobs, 1):
-        if cache.get(name, method, split) is not None:
-            continue
-        if (name, split) not in loaded:
-            loaded = {(name, split): load_split(name, split, root)}
-        t0 = time.perf_counter()
-        r = run_one(method, loaded[(name, split)], cfg, split)
-        r["seconds"] = time.perf_counter() - t0
-        r["finished_at"] = time.time()
+    print(f"[uci] {mode}: {len(jobs)} runs ({cached} cached), data {root}, {args.workers} worker(s)",
+          flush=True)
+    todo = [j for j in jobs if cache.get(*j) is None]
+    for done_count, (job, r) in enumerate(run_jobs(todo, cfg, root, args.workers, args.threads), cached + 1):
+        name, method, split = job
         cache.put(name, method, split, r)
-        extra = (f", max R-hat {r['max_rhat_f']:.2f}, min ESS {r['min_ess_bulk_f']:.0f}"
+        extra = (f", {'converged' if r['converged'] else 'NOT converged'} ({r['stop_reason']}), "
+                 f"max R-hat {r['max_rhat_f']:.3f}, min ESS {r['min_ess_bulk_f']:.0f}"
                  if method == "hmc" else "")
-        print(f"[uci] {i}/{len(jobs)} {name} split {split} {method}: RMSE {r['rmse']:.3f}, "
+        print(f"[uci] {done_count}/{len(jobs)} {name} split {split} {method}: RMSE {r['rmse']:.3f}, "
               f"LL {r['ll']:.3f} ({r['seconds']:.1f} s{extra}; elapsed {time.perf_counter() - start:.0f} s)",
               flush=True)
 
