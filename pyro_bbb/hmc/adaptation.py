@@ -477,6 +477,7 @@ def warmup(
 
     Examples
     --------
+    >>> from pyro_bbb.hmc.kernel import hmc_init
     >>> pot = lambda u: (0.5 * (u * u).sum(-1), u)            # N(0, I)
     >>> gen = torch.Generator().manual_seed(0)
     >>> s0 = hmc_init(torch.randn(4, 2, generator=gen), pot)

@@ -226,8 +226,8 @@ def run_hmc(
     ValueError
         For bad arguments, and when the posterior is degenerate for HMC: no start
         with a finite log density, one too large for its dtype to resolve, the step
-        size collapsing below :data:`STEP_SIZE_FLOOR` times its start, or every
-        transition of the first :data:`MAX_DIVERGENT_START` warmup iterations
+        size collapsing below :data:`~pyro_bbb.hmc.adaptation.STEP_SIZE_FLOOR` times its start, or every
+        transition of the first :data:`~pyro_bbb.hmc.adaptation.MAX_DIVERGENT_START` warmup iterations
         divergent (standardize y).
 
     Notes

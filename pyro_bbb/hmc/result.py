@@ -14,7 +14,7 @@ __all__ = ["ChEESReference", "HMCReference"]
 
 @dataclass
 class HMCReference:
-    """Draws and per-draw statistics of an HMC (NUTS) run; see :func:`run_nuts`.
+    """Draws and per-draw statistics of an HMC (NUTS) run; see :func:`~pyro_bbb.hmc.run_nuts`.
 
     Attributes
     ----------
@@ -28,7 +28,7 @@ class HMCReference:
         ``energy`` (Hamiltonian at the draw), ``acceptance_rate`` (mean
         Metropolis acceptance probability over the trajectory, the statistic
         step-size adaptation targets) and ``lp`` (unnormalised log posterior
-        density in the sampler's unconstrained space; see :func:`run_nuts`).
+        density in the sampler's unconstrained space; see :func:`~pyro_bbb.hmc.run_nuts`).
     sampler : str
         ``"Pyro NUTS"``.
     settings : dict
@@ -77,7 +77,7 @@ class HMCReference:
 
 @dataclass(repr=False)
 class ChEESReference(HMCReference):
-    """An :class:`~pyro_bbb.hmc.HMCReference` from :func:`run_hmc`, plus diagnostics.
+    """An :class:`~pyro_bbb.hmc.HMCReference` from :func:`~pyro_bbb.hmc.run_hmc`, plus diagnostics.
 
     Extra attributes
     ----------------
@@ -94,7 +94,7 @@ class ChEESReference(HMCReference):
         ``warmup_acceptance_rate`` (harmonic mean over chains), ``warmup_window_draws``
         (draws behind each mass-matrix update).
     converged : bool
-        :func:`reference_converged` on the final diagnostics.
+        :func:`~pyro_bbb.hmc.reference_converged` on the final diagnostics.
     stop_reason : str
         ``"num_samples"``, or with ``until_converged`` ``"converged"``,
         ``"time_limit"`` or ``"max_samples"``.
