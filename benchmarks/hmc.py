@@ -72,9 +72,9 @@ import pyro.distributions as dist  # noqa: E402
 import torch  # noqa: E402
 
 import pyro_bbb as bbb  # noqa: E402
-from pyro_bbb.fast_hmc import Potential, run_hmc  # noqa: E402
-from pyro_bbb.hmc import run_nuts  # noqa: E402
-from pyro_bbb.mlp_potential import MLPPotential, batched_potential  # noqa: E402
+from pyro_bbb.hmc import run_hmc, run_nuts  # noqa: E402
+from pyro_bbb.hmc.diagnostics import f_diagnostics  # noqa: E402
+from pyro_bbb.hmc.potential import MLPPotential, Potential, batched_potential  # noqa: E402
 from pyro_bbb.predict import batched_outputs  # noqa: E402
 
 with warnings.catch_warnings():
@@ -128,15 +128,14 @@ def problem(name: str) -> Problem:
 
 def ess_of(f: np.ndarray) -> np.ndarray:
     """Bulk ESS of f with shape (chains, draws, m), per test input."""
-    data = az.convert_to_dataset({"f": np.asarray(f, dtype=np.float64)})
-    return np.asarray(az.ess(data, method="bulk")["f"].values)
+    return f_diagnostics(np.asarray(f, dtype=np.float64), 0)["ess_bulk_f"]
 
 
 def rhat_of(f: np.ndarray) -> float:
+    """Max R-hat of f with shape (chains, draws, m) over the test inputs."""
     if f.shape[0] < 2:
         return float("nan")
-    data = az.convert_to_dataset({"f": np.asarray(f, dtype=np.float64)})
-    return float(np.nanmax(az.rhat(data)["f"].values))
+    return f_diagnostics(np.asarray(f, dtype=np.float64), 0)["max_rhat_f"]
 
 
 # ----------------------------------------------------------------------------
@@ -424,7 +423,7 @@ def timing_table(timings: dict) -> list[str]:
         "## Potential only: CPU time of one value and gradient, per chain",
         "",
         "Median of 5 rounds; u ~ N(0, 0.5^2) in every coordinate.  run_hmc's fused potential "
-        "(`mlp_potential.MLPPotential`) and the general one (`fast_hmc.Potential`, autograd) for "
+        "(`hmc.potential.MLPPotential`) and the general one (`hmc.potential.Potential`, autograd) for "
         "the run_hmc row's number of chains; NumPyro's log density under "
         "`jax.jit(jax.value_and_grad)`, for one chain and `vmap`-ed over the NUTS chains "
         "(what `chain_method='vectorized'` evaluates).",

@@ -23,9 +23,9 @@ import types
 # Pyro and ArviZ until something needs them.
 _PUBLIC = {
     "ComparisonReport": "compare", "compare": "compare", "FidelityReport": "fidelity",
-    "ChEESReference": "fast_hmc", "run_hmc": "fast_hmc",
+    "ChEESReference": "hmc.result", "HMCReference": "hmc.result", "run_hmc": "hmc.chees",
+    "run_nuts": "hmc.nuts",
     "BBBGuide": "guide",
-    "HMCReference": "hmc", "run_nuts": "hmc",
     "BayesianClassifier": "nn", "BayesianNetwork": "nn", "BayesianRegressor": "nn", "bayesianize": "nn",
     "to_inference_data": "inference_data",
     "Prediction": "predict", "predict": "predict", "as_draws": "predict",

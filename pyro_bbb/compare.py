@@ -29,7 +29,6 @@ import uuid
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +38,7 @@ from scipy.special import logsumexp
 from scipy.stats import wasserstein_distance
 
 from . import _checks
+from .hmc.diagnostics import ESS_MIN, RHAT_MAX, RHAT_PRINT_DIGITS, f_diagnostics, rhat_passes
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # arviz 0.23's refactor notice
@@ -47,30 +47,8 @@ with warnings.catch_warnings():
 __all__ = ["ComparisonReport", "compare", "khat_reading", "rhat_passes", "RHAT_MAX", "ESS_MIN",
            "PARETO_K_MAX"]
 
-#: Convergence thresholds for the reference (Vehtari et al. 2021): R-hat on f(x*),
-#: read as printed (see rhat_passes), and bulk and tail ESS at every test input.
-RHAT_MAX = 1.01
-ESS_MIN = 400
-#: Digits R-hat is printed with in messages; the verdict rounds that printed value.
-RHAT_PRINT_DIGITS = 4
 #: Pareto k above which PSIS (LOO or the VI diagnostic) is unreliable.
 PARETO_K_MAX = 0.7
-
-
-def rhat_passes(rhat: float) -> bool:
-    """Whether an R-hat passes :data:`RHAT_MAX` as it is read: the value printed with
-    :data:`RHAT_PRINT_DIGITS` decimals, rounded half up to the threshold's 2 decimals
-    (decimal arithmetic, so 1.0150 reads 1.02 although the binary float 1.015 lies
-    just below it).  A value shown as 1.01 passes; NaN (too few draws) fails.
-
-    >>> rhat_passes(1.0101), rhat_passes(1.0149), rhat_passes(1.0150), rhat_passes(float("nan"))
-    (True, True, False, False)
-    """
-    rhat = float(rhat)
-    if not math.isfinite(rhat):
-        return False
-    printed = Decimal(f"{rhat:.{RHAT_PRINT_DIGITS}f}")
-    return printed.quantize(Decimal("0.01"), rounding=ROUND_HALF_UP) <= Decimal(str(RHAT_MAX))
 
 
 IDENTIFIABLE_NOTE = "meaningful: no hidden layer, the weights are identifiable"
@@ -638,15 +616,9 @@ def _khat_rows(vi, report_warnings):
 
 
 def _convergence_rows(hmc, report_warnings):
-    f = hmc.predictions[["f"]]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        rhat = az.rhat(f)["f"].values
-        bulk = az.ess(f, method="bulk")["f"].values
-        tail = az.ess(f, method="tail")["f"].values
-    max_rhat = float(np.nanmax(rhat)) if np.isfinite(rhat).any() else np.nan
-    min_bulk = float(np.nanmin(bulk)) if np.isfinite(bulk).any() else np.nan
-    min_tail = float(np.nanmin(tail)) if np.isfinite(tail).any() else np.nan
+    f = hmc.predictions["f"]
+    d = f_diagnostics(f.values, 0)
+    max_rhat, min_bulk, min_tail = d["max_rhat_f"], d["min_ess_bulk_f"], d["min_ess_tail_f"]
     stats = hmc.sample_stats if "sample_stats" in hmc.groups() else {}
     divergences = int(np.sum(stats["diverging"].values)) if "diverging" in stats else None
     num_chains = int(f.sizes["chain"])

@@ -19,16 +19,8 @@ import numpy as np
 import pandas as pd
 
 from . import _checks
-from .compare import (
-    ESS_MIN,
-    ComparisonReport,
-    compare,
-    json_value,
-    markdown_table,
-    new_figure,
-    rhat_passes,
-    save_png,
-)
+from .compare import ComparisonReport, compare, json_value, markdown_table, new_figure, save_png
+from .hmc.diagnostics import ESS_MIN, rhat_passes
 
 __all__ = ["FidelityReport", "compare_schemes", "DEFINITIONS", "OVERCONFIDENT_BELOW",
            "UNDERCONFIDENT_ABOVE", "ECE_BINS", "expected_calibration_error"]

@@ -50,7 +50,7 @@ from torch.distributions import biject_to
 from tqdm.auto import tqdm
 
 from . import _checks
-from .fast_hmc import Potential
+from .hmc.potential import Potential
 from .guide import DEFAULT_INIT_SCALE, BBBGuide
 from .priors import ScaleMixtureNormal
 from .train import NonFiniteLossError, fit
@@ -375,7 +375,7 @@ def deep_ensemble(model, x, y, *, num_members: int = 5, epochs: int = 1000, lr: 
     approximation, Izmailov et al. 2021, arXiv 2104.14421): ``num_members`` MAP fits
     by Adam on the log joint -- the prior included, i.e. weight decay for a Gaussian
     prior -- each from its own prior draw, all members in one batched computation
-    (:class:`~pyro_bbb.fast_hmc.Potential`; a positive site such as a learned noise is
+    (:class:`~pyro_bbb.hmc.potential.Potential`; a positive site such as a learned noise is
     optimized on the log scale, with its log-Jacobian, as Pyro's MAP guides do).
 
     Returns the members as one chain of draws, ``{site: (1, num_members, *shape)}``.

@@ -1,4 +1,4 @@
-"""Tests of the Pyro-NUTS reference, ``pyro_bbb.hmc``.
+"""Tests of the Pyro-NUTS reference, ``pyro_bbb.hmc.nuts``.
 
 Each check is against something computed independently of the sampler: the
 closed-form posterior of a conjugate linear regression, the model's log joint

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 import pyro_bbb as bbb
 from pyro_bbb import schemes
-from pyro_bbb.fast_hmc import Potential
+from pyro_bbb.hmc.potential import Potential
 
 F64 = torch.float64
 

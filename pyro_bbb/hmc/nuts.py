@@ -22,8 +22,6 @@ import random
 import time
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from numbers import Integral, Real
 
 import numpy as np
 import pyro
@@ -32,9 +30,10 @@ import torch
 from pyro.infer.autoguide.initialization import init_to_sample, init_to_value
 from pyro.infer.mcmc import MCMC, NUTS
 
-from . import _checks
+from .. import _checks
+from .result import HMCReference
 
-__all__ = ["HMCReference", "run_nuts"]
+__all__ = ["SAMPLE_STATS", "run_nuts"]
 
 #: Names of the per-draw statistics, in ArviZ's ``sample_stats`` vocabulary.
 SAMPLE_STATS = (
@@ -171,79 +170,8 @@ class _RecordingNUTS(NUTS):
 
 
 # ----------------------------------------------------------------------------
-# Result
-# ----------------------------------------------------------------------------
-@dataclass
-class HMCReference:
-    """Draws and per-draw statistics of an HMC (NUTS) run; see :func:`run_nuts`.
-
-    Attributes
-    ----------
-    samples : dict[str, Tensor]
-        Site name -> tensor of shape ``(num_chains, num_samples, *site_shape)``,
-        on CPU, in the sites' constrained (natural) space.
-    sample_stats : dict[str, numpy.ndarray]
-        Each of shape ``(num_chains, num_samples)``, post-warmup draws only:
-        ``diverging`` (bool), ``step_size``, ``tree_depth`` (int, number of
-        trajectory doublings), ``n_steps`` (int, leapfrog steps),
-        ``energy`` (Hamiltonian at the draw), ``acceptance_rate`` (mean
-        Metropolis acceptance probability over the trajectory, the statistic
-        step-size adaptation targets) and ``lp`` (unnormalised log posterior
-        density in the sampler's unconstrained space; see :func:`run_nuts`).
-    sampler : str
-        ``"Pyro NUTS"``.
-    settings : dict
-        The arguments of the run: ``num_samples``, ``warmup_steps``,
-        ``num_chains``, ``target_accept_prob``, ``max_tree_depth``,
-        ``jit_compile`` (as requested), ``jit_fallback`` (True if the JIT
-        failed and the run went on without it), ``seed``, ``chain_method``
-        (``"sequential"``), ``init_strategy``.
-    wall_time : float
-        Seconds for all chains, warmup and setup included.
-    mcmc : list
-        The :class:`pyro.infer.mcmc.MCMC` object of each chain.
-    """
-
-    samples: dict
-    sample_stats: dict
-    sampler: str = "Pyro NUTS"
-    settings: dict = field(default_factory=dict)
-    wall_time: float = 0.0
-    mcmc: list = field(default_factory=list, repr=False)
-
-    @property
-    def num_chains(self) -> int:
-        return int(next(iter(self.sample_stats.values())).shape[0])
-
-    @property
-    def num_samples(self) -> int:
-        return int(next(iter(self.sample_stats.values())).shape[1])
-
-    def flat_samples(self) -> dict:
-        """Chains pooled: site name -> ``(num_chains * num_samples, *site_shape)``."""
-        return {k: v.reshape((-1,) + tuple(v.shape[2:])) for k, v in self.samples.items()}
-
-    def num_divergences(self) -> int:
-        """Number of divergent post-warmup transitions, all chains together."""
-        return int(np.sum(self.sample_stats["diverging"]))
-
-    def __repr__(self) -> str:
-        shapes = {k: tuple(v.shape[2:]) for k, v in self.samples.items()}
-        return (
-            f"HMCReference(sampler={self.sampler!r}, num_chains={self.num_chains}, "
-            f"num_samples={self.num_samples}, sites={shapes}, "
-            f"divergences={self.num_divergences()}, wall_time={self.wall_time:.1f}s)"
-        )
-
-
-# ----------------------------------------------------------------------------
 # Runner
 # ----------------------------------------------------------------------------
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
 
 class _GlobalRNG:
     """Save and restore the global RNGs that ``pyro.set_rng_seed`` reseeds
@@ -461,41 +389,13 @@ def run_nuts(
     >>> ref.flat_samples()["w"].shape
     torch.Size([100, 2])
     """
-    num_samples = _check_int("num_samples", num_samples, 1)
-    warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
-    num_chains = _check_int("num_chains", num_chains, 1)
-    max_tree_depth = _check_int("max_tree_depth", max_tree_depth, 1)
-    if (
-        isinstance(target_accept_prob, bool)
-        or not isinstance(target_accept_prob, Real)
-        or not 0.0 < float(target_accept_prob) < 1.0
-    ):
-        raise ValueError(
-            f"target_accept_prob must be a number in (0, 1), got {target_accept_prob!r}"
-        )
-    target_accept_prob = float(target_accept_prob)
-    seed = _checks.seed(seed, allow_none=False)
-    if not callable(model):
-        raise ValueError(f"model must be a callable Pyro model, got {model!r}")
-    if _checks.is_model(model):  # the same data checks as fit and run_hmc
-        x, y = _checks.model_data(model, x, y)
-    elif y is None:
-        raise ValueError("y is required: the reference is the posterior given the targets y")
-
-    settings = {
-        "num_samples": num_samples,
-        "warmup_steps": warmup_steps,
-        "num_chains": num_chains,
-        "target_accept_prob": target_accept_prob,
-        "max_tree_depth": max_tree_depth,
-        "jit_compile": bool(jit_compile),
-        "jit_fallback": False,
-        "seed": seed,
-        "chain_method": "sequential",
-        "init_strategy": "init_to_sample" if not init_values else "init_to_value",
-    }
-
-    use_jit = bool(jit_compile)
+    x, y, settings = _check_run_nuts_arguments(
+        model, x, y, num_samples=num_samples, warmup_steps=warmup_steps, num_chains=num_chains,
+        target_accept_prob=target_accept_prob, max_tree_depth=max_tree_depth,
+        jit_compile=jit_compile, seed=seed, init_values=init_values,
+    )
+    seed = settings["seed"]
+    use_jit = settings["jit_compile"]
     mcmcs, draws, stats = [], [], []
     start = time.perf_counter()
     with _GlobalRNG():
@@ -506,69 +406,13 @@ def run_nuts(
         else:
             init_strategy = init_to_sample
 
-        for chain in range(num_chains):
-            while True:
-                pyro.set_rng_seed(seed + chain)
-                kernel = _RecordingNUTS(
-                    model,
-                    target_accept_prob=target_accept_prob,
-                    max_tree_depth=max_tree_depth,
-                    jit_compile=use_jit,
-                    ignore_jit_warnings=True,
-                    init_strategy=init_strategy,
-                )
-                mcmc = MCMC(
-                    kernel,
-                    num_samples=num_samples,
-                    warmup_steps=warmup_steps,
-                    num_chains=1,
-                    disable_progbar=not progress,
-                    hook_fn=_chain_progress_hook(chain, num_chains) if progress else None,
-                )
-                # Pyro switches off requires_grad of the param store's
-                # parameters while it traces, and does not switch it back if
-                # tracing raises: remember them, to restore on failure.
-                trainable = [
-                    v
-                    for _, v in pyro.get_param_store().named_parameters()
-                    if v.requires_grad
-                ]
-                try:
-                    mcmc.run(x, y, **model_kwargs)
-                except Exception as err:
-                    if not use_jit:
-                        raise
-                    for v in trainable:
-                        v.requires_grad_(True)
-                    warnings.warn(
-                        f"run_nuts: jit_compile=True failed on chain {chain} "
-                        f"({type(err).__name__}: {err}); running without the JIT.",
-                        RuntimeWarning,
-                        stacklevel=2,
-                    )
-                    use_jit = False
-                    settings["jit_fallback"] = True
-                    continue
-                break
-
+        for chain in range(settings["num_chains"]):
+            mcmc, kernel, use_jit = _run_chain(model, x, y, model_kwargs, chain, settings,
+                                               init_strategy, use_jit, progress)
             mcmcs.append(mcmc)
-            draws.append(
-                {
-                    k: v.detach().cpu()
-                    for k, v in mcmc.get_samples(group_by_chain=True).items()
-                }
-            )
-            records = [t for t in kernel.transitions if not t["warmup"]]
-            if len(records) != num_samples:  # pragma: no cover - Pyro internals changed
-                raise RuntimeError(
-                    f"recorded {len(records)} post-warmup transitions, expected {num_samples}"
-                )
-            stats.append(
-                {
-                    name: np.asarray([r[name] for r in records], dtype=_STAT_DTYPES[name])
-                    for name in SAMPLE_STATS
-                }
-            )
+            chain_draws, chain_stats = _chain_output(mcmc, kernel, settings["num_samples"])
+            draws.append(chain_draws)
+            stats.append(chain_stats)
     wall_time = time.perf_counter() - start
 
     samples = {k: torch.cat([d[k] for d in draws], dim=0) for k in draws[0]}
@@ -583,3 +427,103 @@ def run_nuts(
         wall_time=wall_time,
         mcmc=mcmcs,
     )
+
+
+def _check_run_nuts_arguments(model, x, y, *, num_samples, warmup_steps, num_chains,
+                              target_accept_prob, max_tree_depth, jit_compile, seed, init_values):
+    """ValueError for a bad argument; else the data (validated as for fit when ``model`` is
+    a pyro_bbb model) and the run's ``settings``, every value normalised."""
+    num_samples = _checks.integer("num_samples", num_samples, 1)
+    warmup_steps = _checks.integer("warmup_steps", warmup_steps, 0)
+    num_chains = _checks.integer("num_chains", num_chains, 1)
+    max_tree_depth = _checks.integer("max_tree_depth", max_tree_depth, 1)
+    target_accept_prob = _checks.unit_interval("target_accept_prob", target_accept_prob)
+    seed = _checks.seed(seed, allow_none=False)
+    if not callable(model):
+        raise ValueError(f"model must be a callable Pyro model, got {model!r}")
+    if _checks.is_model(model):  # the same data checks as fit and run_hmc
+        x, y = _checks.model_data(model, x, y)
+    elif y is None:
+        raise ValueError("y is required: the reference is the posterior given the targets y")
+    settings = {
+        "num_samples": num_samples,
+        "warmup_steps": warmup_steps,
+        "num_chains": num_chains,
+        "target_accept_prob": target_accept_prob,
+        "max_tree_depth": max_tree_depth,
+        "jit_compile": bool(jit_compile),
+        "jit_fallback": False,
+        "seed": seed,
+        "chain_method": "sequential",
+        "init_strategy": "init_to_sample" if not init_values else "init_to_value",
+    }
+    return x, y, settings
+
+
+def _run_chain(model, x, y, model_kwargs, chain, settings, init_strategy, use_jit, progress):
+    """One chain, its own ``MCMC`` seeded with ``seed + chain``; if the JIT fails, the chain
+    again without it (a RuntimeWarning, ``settings["jit_fallback"] = True``).  Returns the
+    ``MCMC``, its kernel and whether later chains use the JIT."""
+    num_chains = settings["num_chains"]
+    while True:
+        pyro.set_rng_seed(settings["seed"] + chain)
+        kernel = _RecordingNUTS(
+            model,
+            target_accept_prob=settings["target_accept_prob"],
+            max_tree_depth=settings["max_tree_depth"],
+            jit_compile=use_jit,
+            ignore_jit_warnings=True,
+            init_strategy=init_strategy,
+        )
+        mcmc = MCMC(
+            kernel,
+            num_samples=settings["num_samples"],
+            warmup_steps=settings["warmup_steps"],
+            num_chains=1,
+            disable_progbar=not progress,
+            hook_fn=_chain_progress_hook(chain, num_chains) if progress else None,
+        )
+        # Pyro switches off requires_grad of the param store's
+        # parameters while it traces, and does not switch it back if
+        # tracing raises: remember them, to restore on failure.
+        trainable = [
+            v
+            for _, v in pyro.get_param_store().named_parameters()
+            if v.requires_grad
+        ]
+        try:
+            mcmc.run(x, y, **model_kwargs)
+        except Exception as err:
+            if not use_jit:
+                raise
+            for v in trainable:
+                v.requires_grad_(True)
+            warnings.warn(
+                f"run_nuts: jit_compile=True failed on chain {chain} "
+                f"({type(err).__name__}: {err}); running without the JIT.",
+                RuntimeWarning,
+                stacklevel=3,  # the caller of run_nuts
+            )
+            use_jit = False
+            settings["jit_fallback"] = True
+            continue
+        return mcmc, kernel, use_jit
+
+
+def _chain_output(mcmc, kernel, num_samples):
+    """One chain's draws (site -> ``(1, num_samples, *shape)`` on CPU) and its
+    post-warmup statistics (name -> ``(num_samples,)``)."""
+    draws = {
+        k: v.detach().cpu()
+        for k, v in mcmc.get_samples(group_by_chain=True).items()
+    }
+    records = [t for t in kernel.transitions if not t["warmup"]]
+    if len(records) != num_samples:  # pragma: no cover - Pyro internals changed
+        raise RuntimeError(
+            f"recorded {len(records)} post-warmup transitions, expected {num_samples}"
+        )
+    stats = {
+        name: np.asarray([r[name] for r in records], dtype=_STAT_DTYPES[name])
+        for name in SAMPLE_STATS
+    }
+    return draws, stats

@@ -1,6 +1,22 @@
-"""A fused batched HMC potential for multilayer perceptrons, with a hand-derived gradient.
+"""The batched potential: ``U(u)`` and its gradient for all chains at once.
 
-:class:`MLPPotential` evaluates the same ``U(u)`` as :class:`pyro_bbb.fast_hmc.Potential`
+Two implementations of one function, with one flat layout:
+
+* :class:`Potential`: ``U(u) = -(log p(theta, y) + log|det dT/du|)`` with ``theta =
+  T(u)``, ``T = biject_to(prior.support)`` per site, evaluated for all chains at once
+  through the model's batched :meth:`log_joint` (for a ``torch.nn.Sequential`` of
+  ``Linear`` layers and elementwise activations, a direct batched forward pass that
+  skips ``vmap``, checked against :meth:`log_joint` when it is set up); its gradient is
+  one ``torch.autograd.grad`` of the sum over chains.  All sites are flattened into one
+  vector per chain, ``(C, D)``.
+* :class:`MLPPotential`: the same ``U(u)`` for multilayer perceptrons, fused, with a
+  hand-derived gradient (below).
+
+:func:`batched_potential` picks the fused one when the model qualifies.
+
+The fused potential
+-------------------
+:class:`MLPPotential` evaluates the same ``U(u)`` as :class:`Potential`
 (same flat layout, same transforms, same treatment of non-finite rows) for a
 ``BayesianRegressor`` (fixed noise, or learned noise with a ``LogNormal`` prior) or a
 ``BayesianClassifier`` whose network is a ``Linear`` or a ``Sequential`` of ``Linear``
@@ -21,28 +37,184 @@ autograd graph per call it runs, for ``C`` chains at once:
 Work arrays are allocated once per number of chains; one call allocates only the
 gradient it returns (the kernel keeps it across steps).  :func:`batched_potential`
 picks this class when the model qualifies and the general
-:class:`~pyro_bbb.fast_hmc.Potential` otherwise.
+:class:`Potential` otherwise.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
-from torch.distributions import Independent, LogNormal, Normal
+from torch.distributions import Independent, LogNormal, Normal, biject_to
 
-from .fast_hmc import Potential
-from .nn import BayesianClassifier, BayesianRegressor
-from .priors import ScaleMixtureNormal
+from ..nn import BayesianClassifier, BayesianRegressor
+from ..priors import ScaleMixtureNormal
 
-__all__ = ["MLPPotential", "batched_potential", "mlp_layout"]
+__all__ = ["MLPPotential", "Potential", "batched_potential", "mlp_layout", "model_priors"]
 
 _LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 _ACTIVATIONS = {nn.Tanh: "tanh", nn.ReLU: "relu", nn.Sigmoid: "sigmoid"}
 
 
+# ============================================================================
+# The general potential: the model's batched log joint, autograd gradient
+# ============================================================================
+class _Site(NamedTuple):
+    name: str
+    shape: torch.Size  # constrained (site) shape
+    unconstrained_shape: torch.Size
+    start: int
+    stop: int
+    transform: torch.distributions.Transform
+    identity: bool  # real support: no transform, no Jacobian
+    support: torch.distributions.constraints.Constraint
+
+
+class Potential:
+    """``U(u) = -(log p(theta, y | x) + log|det dT/du|)`` for a batch of chains.
+
+    ``u`` has shape ``(C, D)``: every latent site of the model, mapped to unconstrained
+    space by ``biject_to(prior.support)`` and flattened, in ``model.latent_names``
+    order.  Real-valued sites (network weights) are the identity; a positive site such
+    as a learned ``"noise"`` is ``exp``, whose log-Jacobian is added.
+
+    Parameters
+    ----------
+    model : BayesianRegressor or BayesianClassifier
+        A pyro_bbb model (has ``log_joint`` and ``latent_names``).
+    x, y : Tensor
+        Data on the model's device, validated.
+
+    Examples
+    --------
+    >>> import torch, pyro.distributions as dist
+    >>> import pyro_bbb as bbb
+    >>> model = bbb.BayesianRegressor(torch.nn.Linear(2, 1), prior=dist.Normal(0., 1.),
+    ...                               noise="learned")
+    >>> pot = Potential(model, torch.randn(5, 2), torch.randn(5))
+    >>> pot.dim                       # 2 weights + 1 bias + log(noise)
+    4
+    >>> u, g = pot.value_and_grad(torch.zeros(3, 4))
+    >>> u.shape, g.shape
+    (torch.Size([3]), torch.Size([3, 4]))
+    """
+
+    def __init__(self, model, x: Tensor, y: Tensor):
+        self.model, self.x, self.y = model, x, y
+        priors = model_priors(model)
+        sites, start = [], 0
+        for name in model.latent_names:
+            prior = priors[name]
+            shape = torch.Size(prior.batch_shape + prior.event_shape)
+            transform = biject_to(prior.support)
+            ushape = torch.Size(transform.inverse_shape(shape))
+            stop = start + ushape.numel()
+            sites.append(_Site(name, shape, ushape, start, stop, transform, _is_identity(transform),
+                               prior.support))
+            start = stop
+        self.sites = tuple(sites)
+        # Constrained sites whose values can leave their support numerically (exp overflow).
+        self._checked_sites = tuple(t for t in sites if not t.identity and t.support.event_dim == 0)
+        self.dim = start
+        #: Whether the network runs as a direct batched forward pass (a Sequential MLP;
+        #: see ``BayesianNetwork.evaluate``) rather than through vmap.
+        self.fast_path = x.dim() == 2 and model.network.mlp_layers() is not None
+
+    # -- layout ------------------------------------------------------------------------
+    def unflatten(self, u: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """Constrained values ``{site: (C, *shape)}`` and ``log|det dT/du|`` of shape (C,)."""
+        batch = u.shape[:-1]
+        values, logdet = {}, u.new_zeros(batch)
+        for site in self.sites:
+            v = u[..., site.start : site.stop].reshape(batch + site.unconstrained_shape)
+            if site.identity:
+                values[site.name] = v
+                continue
+            theta = site.transform(v)
+            ladj = site.transform.log_abs_det_jacobian(v, theta)
+            logdet = logdet + ladj.reshape(batch + (-1,)).sum(-1)
+            values[site.name] = theta
+        return values, logdet
+
+    def flatten(self, values: Mapping[str, Tensor]) -> Tensor:
+        """Unconstrained flat vectors ``(C, D)`` from constrained values ``{site: (C, *shape)}``."""
+        parts = []
+        for site in self.sites:
+            v = values[site.name]
+            batch = v.shape[: v.dim() - len(site.shape)]
+            parts.append(site.transform.inv(v).reshape(batch + (-1,)))
+        return torch.cat(parts, -1)
+
+    # -- density -------------------------------------------------------------------------
+    def log_density(self, u: Tensor) -> Tensor:
+        """``-U(u)``: the log joint plus the log-Jacobian, shape (C,)."""
+        values, logdet = self.unflatten(u)
+        return self.model.log_joint(values, self.x, self.y) + logdet
+
+    def _in_support(self, u: Tensor) -> Tensor:
+        """Rows of finite ``u`` whose constrained values are finite and in their support:
+        a finite u can still overflow (exp(u) = inf for a positive site far out in a
+        divergent trajectory), which the priors' validation would refuse."""
+        ok = torch.ones(u.shape[:-1], dtype=torch.bool, device=u.device)
+        with torch.no_grad():
+            for site in self._checked_sites:  # elementwise transforms: the flat slice will do
+                v = site.transform(u[..., site.start : site.stop])
+                ok &= (torch.isfinite(v) & site.support.check(v)).all(-1)
+        return ok
+
+    def value_and_grad(self, u: Tensor) -> tuple[Tensor, Tensor]:
+        """``U(u)`` (C,) and ``dU/du`` (C, D), detached; rows with non-finite ``u``, with
+        values outside their support, or whose potential or gradient is not finite give
+        ``U = inf`` and a zero gradient (such a chain is divergent and will be rejected)."""
+        good = torch.isfinite(u).all(-1)
+        u = torch.where(good[..., None], u, torch.zeros_like(u))
+        good &= self._in_support(u)
+        u = torch.where(good[..., None], u, torch.zeros_like(u))
+        with torch.enable_grad():
+            u = u.detach().requires_grad_(True)
+            potential = -self.log_density(u)
+            (grad,) = torch.autograd.grad(potential.sum(), u)
+        potential = potential.detach()
+        ok = good & torch.isfinite(potential) & torch.isfinite(grad).all(-1)
+        if not bool(ok.all()):
+            potential = torch.where(ok, potential, torch.full_like(potential, math.inf))
+            grad = torch.where(ok[..., None], grad, torch.zeros_like(grad))
+        return potential, grad
+
+
+def _is_identity(transform) -> bool:
+    """True for ``biject_to(real)`` (an empty ``ComposeTransform``), possibly wrapped in
+    ``IndependentTransform``: such a site needs no Jacobian term."""
+    transforms = torch.distributions.transforms
+    while isinstance(transform, transforms.IndependentTransform):
+        transform = transform.base_transform
+    return isinstance(transform, transforms.ComposeTransform) and not transform.parts
+
+
+def model_priors(model) -> dict:
+    """Every latent site's prior, checked: continuous support, known to the model."""
+    priors = {**model.network.priors(), **model.extra_priors()}
+    for name in model.latent_names:
+        if name not in priors:
+            raise ValueError(
+                f"model: no prior found for latent site {name!r}; run_hmc handles pyro_bbb "
+                "models only -- use pyro_bbb.run_nuts for this model"
+            )
+        support = priors[name].support
+        if support.is_discrete:
+            raise ValueError(
+                f"model: latent site {name!r} is discrete ({support}); HMC needs continuous "
+                "latents -- use pyro_bbb.run_nuts (it enumerates discrete sites)"
+            )
+    return priors
+
+
+# ============================================================================
+# The fused potential for MLPs
+# ============================================================================
 class _Layer(NamedTuple):
     weight: tuple[int, int]  # (start, stop) in the flat vector
     bias: tuple[int, int] | None
@@ -121,7 +293,7 @@ def _weight_prior_kind(prior) -> str | None:
 def batched_potential(model, x: Tensor, y: Tensor) -> Potential:
     """The cheapest exact potential for ``model``: :class:`MLPPotential` when
     :func:`mlp_layout` accepts the model (and ``x`` is a matrix), else
-    :class:`~pyro_bbb.fast_hmc.Potential`.
+    :class:`Potential`.
 
     Examples
     --------
@@ -186,7 +358,7 @@ def _prior_terms(model, dtype, device) -> _PriorTerms:
 
 
 class MLPPotential(Potential):
-    """:class:`~pyro_bbb.fast_hmc.Potential` for MLPs, with a fused forward and a
+    """:class:`Potential` for MLPs, with a fused forward and a
     hand-derived backward (no autograd); same ``U``, layout and divergence rules.
 
     Build it with :func:`batched_potential` (which checks that the model qualifies).
@@ -210,7 +382,7 @@ class MLPPotential(Potential):
             raise ValueError(
                 "model: MLPPotential needs a BayesianRegressor / BayesianClassifier over a "
                 "Sequential of Linear and ReLU / Tanh / Sigmoid with Normal or scale-mixture "
-                "priors; use pyro_bbb.fast_hmc.Potential (or batched_potential) for this model"
+                "priors; use pyro_bbb.hmc.potential.Potential (or batched_potential) for this model"
             )
         self.layers = layers
         self.xt = x.t().contiguous()  # (d, N)
@@ -268,7 +440,7 @@ class MLPPotential(Potential):
     # -- the potential --------------------------------------------------------------------
     def value_and_grad(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """``U(u)`` (C,) and ``dU/du`` (C, D); non-finite rows give ``U = inf`` and a zero
-        gradient, as :meth:`pyro_bbb.fast_hmc.Potential.value_and_grad`."""
+        gradient, as :meth:`Potential.value_and_grad`."""
         u = u.detach()
         chains = u.shape[0]
         work = self._arrays(chains, u)

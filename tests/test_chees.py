@@ -1,4 +1,4 @@
-"""Tests of the fast HMC reference, ``pyro_bbb.fast_hmc`` (ChEES-HMC over many chains).
+"""Tests of the fast HMC reference, ``pyro_bbb.hmc`` (ChEES-HMC over many chains).
 
 Every check is against something computed independently of the sampler: the model's
 log joint from a Pyro trace, the closed-form posterior of a conjugate linear
@@ -21,26 +21,21 @@ import pytest
 import torch
 
 import pyro_bbb as bbb
-from pyro_bbb.fast_hmc import (
-    ChEESReference,
-    MIN_TIMED_DRAWS,
-    HMCInfo,
-    Potential,
+from pyro_bbb.hmc import ChEESReference, HMCReference, run_hmc, run_nuts
+from pyro_bbb.hmc.adaptation import (
     adaptation_windows,
     chees_statistics,
-    halton,
-    hmc_init,
-    hmc_step,
-    map_fit,
-    nested_rhat,
-    reference_converged,
-    run_hmc,
     warmup,
     warmup_end_window,
+    warmup_final,
     warmup_init,
     warmup_schedule,
+    welford_update,
 )
-from pyro_bbb.hmc import HMCReference, run_nuts
+from pyro_bbb.hmc.chees import MIN_TIMED_DRAWS, map_fit
+from pyro_bbb.hmc.diagnostics import nested_rhat, reference_converged
+from pyro_bbb.hmc.kernel import HMCInfo, halton, hmc_init, hmc_step, num_leapfrog_steps
+from pyro_bbb.hmc.potential import Potential
 from pyro_bbb.inference_data import to_inference_data
 
 with warnings.catch_warnings():
@@ -321,7 +316,7 @@ def test_first_window_is_tracked_not_inferred_from_the_metric():
     ws = warmup_init(state, pot, gen, 1000)
     for _ in range(30):
         draw = 0.1 * torch.randn(8, 2, generator=gen, dtype=torch.float64)
-        ws = ws._replace(welford=bbb.fast_hmc.welford_update(ws.welford, draw))
+        ws = ws._replace(welford=welford_update(ws.welford, draw))
     ws = ws._replace(chees=ws.chees._replace(log_length_avg=math.log(3.0)))
     first = warmup_end_window(ws, state, pot, gen, 1000)
     # T = 1 in the new metric (at least one step: the clip to one step size).
@@ -352,10 +347,10 @@ def test_adapted_inverse_mass_is_the_exact_posterior_variance():
     # window's draws mix like draws of the adapted kernel (a metric close to the final
     # one), so n_eff = draws x (bulk ESS per draw) of 200 transitions with the final
     # kernel; 5 sd for each of 3 coordinates (a 2e-6 chance of a false alarm).
-    step_size, length, inv_mass = bbb.fast_hmc.warmup_final(ws, 1000)
+    step_size, length, inv_mass = warmup_final(ws, 1000)
     sampled = []
     for i in range(200):
-        n = bbb.fast_hmc.num_leapfrog_steps(length, step_size, halton(i + 1), 1000)
+        n = num_leapfrog_steps(length, step_size, halton(i + 1), 1000)
         state, _ = hmc_step(state, pot, step_size=step_size, inv_mass=inv_mass, n_steps=n, generator=gen)
         sampled.append(state.position.numpy())
     w = np.stack(sampled, 1)

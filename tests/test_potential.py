@@ -1,6 +1,6 @@
-"""Tests of the fused MLP potential, ``pyro_bbb.mlp_potential``.
+"""Tests of the fused MLP potential, ``pyro_bbb.hmc.potential``.
 
-Two independent references: the general :class:`pyro_bbb.fast_hmc.Potential` (the
+Two independent references: the general :class:`pyro_bbb.hmc.potential.Potential` (the
 model's batched ``log_joint`` and one autograd gradient), and Pyro's own trace log
 density with the weights conditioned plus the log-Jacobian of the map to
 unconstrained space.  Everything runs in float64, where the two routes differ by
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import pyro_bbb as bbb
-from pyro_bbb.fast_hmc import Potential, run_hmc
-from pyro_bbb.mlp_potential import MLPPotential, batched_potential, mlp_layout
+from pyro_bbb.hmc import run_hmc
+from pyro_bbb.hmc.potential import MLPPotential, Potential, batched_potential, mlp_layout
 
 ACTIVATIONS = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU, "sigmoid": torch.nn.Sigmoid}
 PRIORS = {
