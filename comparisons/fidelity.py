@@ -189,11 +189,14 @@ def run_problem(key, data, cfg) -> dict:
 
 # -- the cache -------------------------------------------------------------------------------
 class Cache:
-    """Results by problem key, written to disk after every problem."""
+    """Results by problem key, written to disk after every problem.  The fingerprint
+    leaves out which problems were selected (``datasets``, ``splits``): a problem's
+    result does not depend on them, so runs over different selections share a cache."""
 
     def __init__(self, path: Path, cfg: dict):
         self.path = path
-        self.fingerprint = hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+        settings = {k: v for k, v in cfg.items() if k not in ("datasets", "splits")}
+        self.fingerprint = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
         self.results = {}
         if path.is_file():
             saved = json.loads(path.read_text())
@@ -343,9 +346,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--schemes", help=f"comma-separated among {', '.join(schemes.SCHEMES)}")
     parser.add_argument("--splits", help="comma-separated standard splits (0-19), gap splits (gap0, ...) "
                                          "or 'gaps' for every gap split")
+    parser.add_argument("--time-limit", type=float,
+                        help="seconds for each reference, warmup included (default: 900 in full mode)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: the CPUs, at most 4)")
     args = parser.parse_args(argv)
     mode = "quick" if args.quick else "full"
     cfg = dict(CONFIGS[mode])
+    if args.time_limit is not None:
+        if not args.time_limit > 0:
+            parser.error("--time-limit must be a positive number of seconds")
+        cfg["time_limit"] = args.time_limit
     cfg["datasets"] = args.datasets or cfg["datasets"]
     cfg["splits"] = args.splits or cfg["splits"]
     cfg["schemes"] = [s.strip() for s in args.schemes.split(",")] if args.schemes else cfg["schemes"]
@@ -356,7 +366,9 @@ def main(argv=None) -> dict:
     unknown = sorted(set(datasets) - set(ALL_DATASETS))
     if unknown:
         parser.error(f"--datasets: unknown {', '.join(unknown)} (choose among {', '.join(ALL_DATASETS)})")
-    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    if args.threads is not None and args.threads < 1:
+        parser.error("--threads must be at least 1")
+    torch.set_num_threads(args.threads or max(1, min(4, os.cpu_count() or 1)))
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         root = resolve_root(args.root) if set(datasets) & set(UCI_SETS) else None
