@@ -532,8 +532,10 @@ def _test_rows(vi, hmc, classifier):
             f = np.asarray(pred["f"].values, dtype=np.float64)
             mean_f = f.reshape((-1,) + f.shape[2:]).mean(0)
             values[name] = float(np.sqrt(np.mean((mean_f - y.astype(np.float64)) ** 2)))
+    from .fidelity import DEFINITIONS  # here, not at the top: fidelity imports this module
+
     metric = "error_rate" if classifier else "rmse"
-    note = ("argmax of the mean class probability" if classifier else "of the mean of f") + "; value = vi - hmc"
+    note = DEFINITIONS[metric] + "; value = vi - hmc"
     rows.append(_row("test data", metric, "test", values["vi"], values["hmc"], values["vi"] - values["hmc"], note))
     if "log_lik" in vi.predictions and "log_lik" in hmc.predictions:
         mlpd = {}
@@ -542,7 +544,7 @@ def _test_rows(vi, hmc, classifier):
             ll = ll.reshape(-1, ll.shape[2])
             mlpd[name] = float(np.mean(logsumexp(ll, axis=0) - math.log(ll.shape[0])))
         rows.append(_row("test data", "mlpd", "test", mlpd["vi"], mlpd["hmc"], mlpd["vi"] - mlpd["hmc"],
-                         "mean over test points of log mean_draws p(y*|theta); value = vi - hmc"))
+                         DEFINITIONS["lpd"] + "; value = vi - hmc"))
     return rows
 
 

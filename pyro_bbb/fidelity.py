@@ -23,7 +23,7 @@ from .compare import ComparisonReport, compare, json_value, markdown_table, new_
 from .hmc.diagnostics import ESS_MIN, rhat_passes
 
 __all__ = ["FidelityReport", "compare_schemes", "DEFINITIONS", "OVERCONFIDENT_BELOW",
-           "UNDERCONFIDENT_ABOVE", "ECE_BINS", "expected_calibration_error"]
+           "UNDERCONFIDENT_ABOVE", "ECE_BINS", "expected_calibration_error", "definitions_markdown"]
 
 #: A predictive std ratio (scheme / reference) below this reads over-confident ...
 OVERCONFIDENT_BELOW = 0.8
@@ -58,6 +58,36 @@ DEFINITIONS = {
     "ece": f"expected calibration error of the scheme's mean class probabilities on the test set "
            f"({ECE_BINS} equal-width confidence bins; ideal 0)",
 }
+
+
+def definitions_markdown() -> str:
+    """The page ``docs/metrics.md``: :data:`DEFINITIONS` as a Markdown table, one row per
+    metric.  The page is this function's output, so the docs cannot drift from the code;
+    rewrite it after editing a definition::
+
+        python -c "from pyro_bbb import fidelity; print(fidelity.definitions_markdown(), end='')" > docs/metrics.md
+
+    >>> print(definitions_markdown().splitlines()[0])
+    # Metrics of the fidelity report
+    """
+    rows = [f"| `{name}` | {_escape_cell(text)} |" for name, text in DEFINITIONS.items()]
+    return "\n".join([
+        "# Metrics of the fidelity report",
+        "",
+        "The columns of `FidelityReport.table` (`pyro-bbb compare --methods ...`, "
+        "`comparisons/fidelity.py`). The scheme is the approximation being judged, the reference "
+        "the sampler's posterior of the same model. This page is written by "
+        "`pyro_bbb.fidelity.definitions_markdown()` from `pyro_bbb.fidelity.DEFINITIONS`, "
+        "the one place these definitions live.",
+        "",
+        "| metric | definition |",
+        "|---|---|",
+        *rows,
+    ]) + "\n"
+
+
+def _escape_cell(text: str) -> str:
+    return text.replace("|", "\\|")  # a bare | would end the Markdown cell
 
 
 @dataclass
