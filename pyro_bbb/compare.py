@@ -45,10 +45,20 @@ with warnings.catch_warnings():
     import arviz as az
 
 __all__ = ["ComparisonReport", "compare", "khat_reading", "rhat_passes", "RHAT_MAX", "ESS_MIN",
-           "PARETO_K_MAX"]
+           "PARETO_K_MAX", "plot_reference_chains", "reference_chain_quantities",
+           "REFERENCE_PICTURES", "REFERENCE_PICTURES_NOTE"]
 
 #: Pareto k above which PSIS (LOO or the VI diagnostic) is unreliable.
 PARETO_K_MAX = 0.7
+
+#: The reference's chain pictures (:func:`plot_reference_chains`), and what to look for in them.
+REFERENCE_PICTURES = ("reference_trace.png", "reference_rank.png")
+REFERENCE_PICTURES_NOTE = (
+    "The reference's chains on quantities a network identifies (the noise std where it is learned, "
+    "f(x*) at three test inputs, a classifier's last-class probability; never weights, which permute): in the trace plot the chains should "
+    "overlap, each wandering over the same range with no trend, and in the rank plot each chain's "
+    "histogram of ranks should be flat (a sloped or humped one sampled another region)."
+)
 
 
 IDENTIFIABLE_NOTE = "meaningful: no hidden layer, the weights are identifiable"
@@ -223,6 +233,7 @@ class ComparisonReport:
         ``std_scatter.png`` always, ``elbo.png`` when the VI data carry the ELBO
         trace, ``forest.png`` (at most 4 posterior variables, first 5 elements
         along each of their dims) when both posteriors have the same variables.
+        (The report folder adds the reference's chains: :func:`plot_reference_chains`.)
         Files are written atomically (a temporary file in ``folder``, then
         ``os.replace``); figures are made without pyplot, so the caller's
         matplotlib backend and open figures are left alone.
@@ -923,3 +934,60 @@ def _plot_forest(vi, hmc, max_vars=4, max_elements=5):
         )
     ax.set_title("Posterior (first elements): BBB vs HMC")
     return fig
+
+
+# At most this many chains in the rank plot: 32 stacked histograms are unreadable.
+_RANK_MAX_CHAINS = 8
+
+
+def reference_chain_quantities(hmc, num_inputs=3) -> dict:
+    """Readable, identifiable quantities of the reference, name -> (chain, draw) array: the
+    noise std if it has one, and f(x*) (a classifier's last-class probability, as compared)
+    at ``num_inputs`` test inputs evenly spread in the order of the first feature."""
+    out = {}
+    if "noise" in hmc.posterior.data_vars and hmc.posterior["noise"].ndim == 2:
+        out["noise"] = np.asarray(hmc.posterior["noise"].values, np.float64)
+    classifier = _attr(hmc, "task") == "classification"
+    values = np.asarray(hmc.predictions["prob" if classifier else "f"].values, np.float64)
+    values = values[..., -1] if classifier else values
+    values = values.reshape(values.shape[:3] + (-1,))[..., 0]  # the first output
+    x = np.asarray(hmc.predictions_constant_data["x"].values, np.float64)
+    x = x.reshape(x.shape[0], -1)[:, 0]
+    order = np.argsort(x, kind="stable")
+    picks = order[np.unique(np.linspace(0, len(order) - 1, min(num_inputs, len(order))).round().astype(int))]
+    name = "p" if classifier else "f"
+    for i in picks:
+        out[f"{name}(x*[{i}])"] = values[:, :, i]
+    return out
+
+
+def plot_reference_chains(hmc, folder) -> list[Path]:
+    """Write the reference's ``reference_trace.png`` (ArviZ ``plot_trace``) and
+    ``reference_rank.png`` (ArviZ ``plot_rank``, at most 8 chains) into ``folder``; return
+    their paths ([] without a reference or with one chain).  The quantities are those of
+    :data:`REFERENCE_PICTURES_NOTE`; figures are made without pyplot and written atomically.
+
+    >>> plot_reference_chains(hmc, "report/")  # doctest: +SKIP
+    [PosixPath('report/reference_trace.png'), PosixPath('report/reference_rank.png')]
+    """
+    if hmc is None or "predictions" not in hmc.groups() or hmc.predictions.sizes.get("chain", 1) < 2:
+        return []
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    quantities = reference_chain_quantities(hmc)
+    data = az.from_dict(posterior=quantities)
+    names = list(quantities)
+    trace = _figure((8.0, 1.9 * len(names)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        az.plot_trace(data, var_names=names, compact=False, axes=trace.subplots(len(names), 2, squeeze=False),
+                      show=False)
+    trace.suptitle("Reference: trace per chain")
+    rank = _figure((3.2 * len(names), 3.4))
+    chains = data.posterior.isel(chain=slice(0, _RANK_MAX_CHAINS))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        az.plot_rank(chains, var_names=names, ax=rank.subplots(1, len(names), squeeze=False)[0], show=False)
+    shown = min(_RANK_MAX_CHAINS, data.posterior.sizes["chain"])
+    rank.suptitle(f"Reference: rank histograms ({shown} of {data.posterior.sizes['chain']} chains)")
+    return [_save(trace, folder / REFERENCE_PICTURES[0]), _save(rank, folder / REFERENCE_PICTURES[1])]

@@ -182,7 +182,7 @@ def write_report(out, report, settings: dict, *, force: bool = False, written: l
         os.umask(umask)
         tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the report is not
         (tmp / MARKER).write_text("[]")  # ours from the start: recover() may remove it
-        pictures = [Path(p).name for p in report.plot(tmp)]
+        pictures = [Path(p).name for p in report.plot(tmp) + _plot_reference(report, tmp)]
         metrics = {"settings": settings, **report.to_dict()}
         (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, default=_jsonable))
         (tmp / "report.md").write_text(to_markdown(report, settings, pictures))
@@ -196,6 +196,16 @@ def write_report(out, report, settings: dict, *, force: bool = False, written: l
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _plot_reference(report, folder: Path) -> list[Path]:
+    """The reference's trace and rank plots, for one scheme's report or many schemes' (which
+    share one reference)."""
+    from .compare import plot_reference_chains
+
+    reports = getattr(report, "reports", None)  # a FidelityReport: scheme -> ComparisonReport
+    first = next(iter(reports.values()), None) if reports else report
+    return plot_reference_chains(getattr(first, "hmc", None), folder)
 
 
 def headline(report) -> str:
@@ -263,8 +273,25 @@ def to_markdown(report, settings: dict, pictures: list[str]) -> str:
     if body and body[0].startswith("# "):  # the report's own title: ours stands above
         body = body[1:]
     lines += body + [""]
-    lines += [f"![{p}]({p})" for p in pictures]
+    others, chains, note = _split_pictures(pictures)
+    lines += [f"![{p}]({p})" for p in others]
+    if chains:
+        lines += ["", "## Reference chains", "", note, ""] + [f"![{p}]({p})" for p in chains]
     return "\n".join(lines) + "\n"
+
+
+def _split_pictures(pictures: list[str]) -> tuple[list[str], list[str], str]:
+    """The comparison's pictures, the reference's chain pictures (shown apart), and the
+    sentence that says what to look for in those."""
+    # Not at the top: check_out runs before any work and must stay cheap to import.
+    from .compare import REFERENCE_PICTURES, REFERENCE_PICTURES_NOTE
+
+    chains = [p for p in pictures if p in REFERENCE_PICTURES]
+    return [p for p in pictures if p not in chains], chains, REFERENCE_PICTURES_NOTE
+
+
+def _figures(pictures: list[str]) -> str:
+    return "".join(f"<figure><img src='{p}' alt='{p}'><figcaption>{p}</figcaption></figure>" for p in pictures)
 
 
 def to_html(report, settings: dict, pictures: list[str]) -> str:
@@ -273,7 +300,10 @@ def to_html(report, settings: dict, pictures: list[str]) -> str:
     warn = "".join(f"<p class='warn'>{html.escape(str(w))}</p>" for w in warnings)
     summary = f"<p>{html.escape(report.summary())}</p>" if hasattr(report, "summary") else ""
     items = "".join(f"<li>{html.escape(s[2:])}</li>" for s in settings_lines(settings))
-    imgs = "".join(f"<figure><img src='{p}' alt='{p}'><figcaption>{p}</figcaption></figure>" for p in pictures)
+    others, chains, note = _split_pictures(pictures)
+    imgs = _figures(others)
+    if chains:
+        imgs += f"<h2>Reference chains</h2><p>{html.escape(note)}</p>{_figures(chains)}"
     cmd = f"<p>Command: <code>{html.escape(settings['command'])}</code></p>" if settings.get("command") else ""
     space = getattr(report, "weight_space", None)
     weights = "" if space is None else "<h2>Weight space</h2>" + space.to_html(

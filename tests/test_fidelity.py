@@ -202,6 +202,19 @@ def test_exports_and_pictures(tmp_path):
     assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in paths)
 
 
+def test_fidelity_report_folder_has_the_shared_reference_chain_plots(tmp_path):
+    from pyro_bbb.report import MARKER, write_report
+    from test_report import SETTINGS
+
+    rng = np.random.default_rng(9)
+    rep = compare(_reference(rng, 400), {"a": _scheme(rng, 0.5, n=300), "b": _scheme(rng, 1.5, n=300)})
+    out = write_report(tmp_path / "out", rep, {**SETTINGS, "methods": ["a", "b"]})
+    listed = json.loads((out / MARKER).read_text())
+    assert {"scheme_fidelity.png", "reference_trace.png", "reference_rank.png"} <= set(listed)
+    html = (out / "report.html").read_text()
+    assert "<img src='reference_trace.png'" in html and "<img src='reference_rank.png'" in html
+
+
 @pytest.mark.slow
 def test_end_to_end_guide_and_ensemble_against_nuts():
     import pyro.distributions as dist

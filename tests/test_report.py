@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -219,3 +220,60 @@ def test_recover_leaves_other_runs_and_unmarked_folders_alone(tmp_path):
     (foreign / "x").write_text("keep")
     assert rp.recover(out) == []
     assert live.is_dir() and (foreign / "x").read_text() == "keep"
+
+
+# ----------------------------------------------------------------------------
+# The reference's chains: ArviZ trace and rank plots in the report folder
+# ----------------------------------------------------------------------------
+def _comparison_with_learned_noise(rng):
+    """A real ComparisonReport whose reference has two chains and a learned noise std."""
+    from test_fidelity import X_TEST, _reference, _scheme
+
+    from pyro_bbb.compare import compare
+
+    hmc = _reference(rng, 400)
+    hmc.posterior["noise"] = (("chain", "draw"), np.exp(0.1 * rng.standard_normal((2, 200))))
+    return compare(_scheme(rng, 0.7, n=300), hmc), hmc, X_TEST
+
+
+def test_reference_quantities_are_the_noise_and_f_at_spread_test_inputs():
+    from pyro_bbb.compare import reference_chain_quantities
+
+    _, hmc, x_test = _comparison_with_learned_noise(np.random.default_rng(3))
+    got = reference_chain_quantities(hmc)
+    order = np.argsort(x_test[:, 0])  # leftmost, middle and rightmost test input
+    picks = [order[0], order[len(order) // 2], order[-1]]
+    assert list(got) == ["noise"] + [f"f(x*[{i}])" for i in picks]
+    np.testing.assert_array_equal(got["noise"], hmc.posterior["noise"].values)
+    for i in picks:
+        np.testing.assert_array_equal(got[f"f(x*[{i}])"], hmc.predictions["f"].values[:, :, i])
+    assert not any(name.startswith("w") for name in got)  # never a weight
+
+
+def test_report_folder_shows_the_reference_trace_and_rank_plots(tmp_path):
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    report, _, _ = _comparison_with_learned_noise(np.random.default_rng(4))
+    mine = plt.figure()  # the caller's pyplot figure stays current and alone
+    out = rp.write_report(tmp_path / "out", report, SETTINGS)
+    assert plt.get_fignums() == [mine.number] and plt.gcf() is mine
+    plt.close(mine)
+    listed = json.loads((out / rp.MARKER).read_text())
+    html = (out / "report.html").read_text()
+    md = (out / "report.md").read_text()
+    for name in ("reference_trace.png", "reference_rank.png"):
+        assert name in listed
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        height, width = mpimg.imread(out / name).shape[:2]
+        assert 200 <= height <= 3000 and 300 <= width <= 3000, (name, height, width)
+        assert f"<img src='{name}'" in html and f"![{name}]({name})" in md
+    for text in (html, md):
+        assert "Reference chains" in text and "chains should overlap" in text and "should be flat" in text
+    assert {p.name for p in out.iterdir()} == set(listed) | {rp.MARKER}  # no temporary file left
+
+
+def test_no_chain_plots_for_a_report_without_a_reference(tmp_path):
+    out = rp.write_report(tmp_path / "out", FakeReport("x"), SETTINGS)
+    assert "Reference chains" not in (out / "report.html").read_text()
+    assert_complete(out)
