@@ -117,12 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     d = c.add_argument_group("data")
-    d.add_argument("--dataset", default="curve", choices=["curve", "diabetes", "breast_cancer", "uci"],
-                   help="the paper's regression curve, a scikit-learn set, or 'uci' (reads --data-dir)")
+    d.add_argument("--dataset", default="curve", choices=["curve", "diabetes", "breast_cancer", "uci", "uci-gap"],
+                   help="the paper's regression curve, a scikit-learn set, 'uci' (a published split of "
+                   "--data-dir) or 'uci-gap' (a gap split of --data-dir, Foong et al. 2019)")
     d.add_argument("--data-dir", type=Path,
                    help="a UCI dataset folder in the standard split layout (data.txt, index_*.txt); "
-                   "needed by --dataset uci, no default")
-    d.add_argument("--split", type=_nonnegative_int, default=0, help="UCI split index")
+                   "needed by --dataset uci and uci-gap, no default")
+    d.add_argument("--split", type=_nonnegative_int, default=0,
+                   help="uci: the published split's index; uci-gap: the input feature (0-based, as in "
+                   "index_features.txt) whose middle third of rows, sorted by it, is held out as the test set")
     d.add_argument("--num-data", type=_positive_int, default=100, help="points on the regression curve")
     m = c.add_argument_group("model")
     m.add_argument("--hidden", type=_hidden, default=[16], help="hidden layer sizes, e.g. 16 or 50,50; 0 for none")
@@ -181,11 +184,28 @@ def _load(args):
 
     if args.dataset == "curve":
         return datasets.curve(args.num_data, seed=args.seed)
-    if args.dataset == "uci":
+    if args.dataset in ("uci", "uci-gap"):
         if args.data_dir is None:
-            raise ValueError("--dataset uci needs --data-dir (a folder in the standard UCI layout)")
-        return datasets.load_uci(str(args.data_dir.resolve()) + os.sep, split=args.split)
+            raise ValueError(f"--dataset {args.dataset} needs --data-dir (a folder in the standard UCI layout)")
+        folder = str(args.data_dir.resolve()) + os.sep  # a path, never a name under PYRO_BBB_UCI_ROOT
+        if args.dataset == "uci":
+            return datasets.load_uci(folder, split=args.split)
+        num = datasets.uci_num_gap_splits(folder)
+        if args.split >= num:
+            raise ValueError(f"--split {args.split} is out of range for --dataset uci-gap: {args.data_dir} has "
+                             f"{num} input features, so --split must be in 0..{num - 1}")
+        return datasets.load_uci_gap(folder, feature=args.split)
     return datasets.load_sklearn(args.dataset, seed=args.seed)
+
+
+def _in_data(args, data):
+    """Which test inputs count as in the data: none on a gap split (its test set is the gap);
+    elsewhere None, compare's nearest-neighbour rule."""
+    if args.dataset == "uci-gap":
+        import numpy as np
+
+        return np.zeros(len(data.x_test), dtype=bool)
+    return None
 
 
 def _network(in_features, hidden, out_features, activation):
@@ -290,7 +310,7 @@ def run_compare(args, written: list | None = None):
     vi = bbb.to_inference_data(model, guide, data.x_train, data.y_train,
                                num_samples=args.vi_samples, history=history, **common)
     hmc = bbb.to_inference_data(model, reference, data.x_train, data.y_train, **common)
-    report = bbb.compare(vi, hmc)
+    report = bbb.compare(vi, hmc, in_data=_in_data(args, data))
     settings = _settings(args, data, net, prior_text, history, reference)
     write_report(out, report, settings, force=args.force, written=written)
     return report
@@ -351,7 +371,7 @@ def _compare_methods(args, data, model, progress, say):
     reference = _run_reference(args, model, data, progress)
     say(f"[{steps}/{steps}] InferenceData and comparison")
     hmc = bbb.to_inference_data(model, reference, data.x_train, data.y_train, **common)
-    report = bbb.compare(hmc, dict(posteriors))
+    report = bbb.compare(hmc, dict(posteriors), in_data=_in_data(args, data))
     return report, {**posteriors, "reference": hmc, "_reference": reference}
 
 
@@ -359,7 +379,8 @@ def _settings(args, data, net, prior_text, history, reference) -> dict:
     """What the report says about the run (JSON-ready)."""
     return {
         "command": "pyro-bbb " + " ".join(sys.argv[1:]) if sys.argv and "pyro-bbb" in sys.argv[0] else None,
-        "dataset": data.name,
+        "dataset": data.name + (f" (gap split on input feature {args.split}: every test input counts as away "
+                                "from the data)" if args.dataset == "uci-gap" else ""),
         "task": data.task,
         "n_train": int(data.x_train.shape[0]),
         "n_test": int(data.x_test.shape[0]),

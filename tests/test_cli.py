@@ -3,12 +3,14 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from pyro_bbb import cli
 from test_report import SETTINGS, FakeReport  # the report writer's stand-ins
 
-PROMISED = ["report.md", "report.html", "metrics.json", "predictive_bands.png", "std_ratio.png", "elbo.png", "forest.png"]
+PROMISED = ["report.md", "report.html", "metrics.json", "predictive_bands.png", "std_ratio.png", "elbo.png", "forest.png",
+            "reference_trace.png", "reference_rank.png"]
 TINY = ["--epochs", "30", "--warmup", "15", "--samples", "15", "--max-tree-depth", "4", "--hidden", "8",
         "--vi-samples", "100", "--quiet"]
 
@@ -193,3 +195,65 @@ def test_sigterm_during_the_run_exits_130_and_leaves_no_folder(tmp_path):
     assert proc.wait(timeout=60) == 130
     assert "no report was written" in proc.stderr.read()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["started"]
+
+
+def _uci_folder(tmp_path, rng, n=30):
+    """A tiny data set in the UCI layout: inputs in columns 0, 1, 3 (so index_features matters),
+    the target in column 2, every value distinct."""
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    raw = rng.uniform(-2.0, 2.0, size=(n, 4))
+    raw[:, 2] = np.sin(raw[:, 0]) + 0.5 * raw[:, 3] + 0.1 * rng.standard_normal(n)
+    np.savetxt(folder / "data.txt", raw)
+    (folder / "index_features.txt").write_text("0\n1\n3\n")
+    (folder / "index_target.txt").write_text("2\n")
+    return folder, raw, [0, 1, 3], 2
+
+
+@pytest.mark.parametrize("split", ["3", "17"])
+def test_uci_gap_split_out_of_range_is_one_line_exit_2_naming_the_range(tmp_path, capsys, split):
+    folder, *_ = _uci_folder(tmp_path, np.random.default_rng(0))
+    out = tmp_path / "out"
+    assert cli.main(["compare", "--dataset", "uci-gap", "--data-dir", str(folder), "--split", split,
+                     "--quiet", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--split {split}" in err[0] and "0..2" in err[0], err
+    assert not out.exists()
+
+
+def test_uci_gap_without_data_dir_is_a_clean_error(capsys):
+    assert cli.main(["compare", "--dataset", "uci-gap", "--quiet"]) == 2
+    assert "--data-dir" in capsys.readouterr().err
+
+
+def test_uci_gap_holds_out_the_middle_third_of_the_feature_and_all_of_it_is_away(tmp_path):
+    folder, raw, features, target = _uci_folder(tmp_path, np.random.default_rng(1))
+    k = 2  # the third input feature: raw column 3
+    out = tmp_path / "out"
+    args = cli.build_parser().parse_args(
+        ["compare", "--dataset", "uci-gap", "--data-dir", str(folder), "--split", str(k), *TINY,
+         "--chains", "4", "--max-leapfrog-steps", "20", "--out", str(out)])
+    report = cli.run_compare(args)
+
+    # The rule, from the raw file: rows sorted by the feature, the middle third is the test set.
+    n = len(raw)
+    ranked = np.argsort(raw[:, features[k]])
+    test_rows = np.sort(ranked[n // 3: n - n // 3])
+    train_rows = np.setdiff1d(np.arange(n), test_rows)
+    assert raw[ranked[: n // 3], features[k]].max() < raw[test_rows, features[k]].min()
+    assert raw[test_rows, features[k]].max() < raw[ranked[n - n // 3:], features[k]].min()
+    x = raw[:, features]
+    expected = (x[test_rows] - x[train_rows].mean(0)) / x[train_rows].std(0)  # standardized on training rows
+    y = raw[:, target]
+    expected_y = (y[test_rows] - y[train_rows].mean()) / y[train_rows].std()
+    for idata in (report.vi, report.hmc):
+        np.testing.assert_allclose(idata.predictions_constant_data["x"].values, expected, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(idata.predictions_constant_data["y"].values, expected_y, rtol=0, atol=1e-5)
+        assert idata.constant_data["x"].shape[0] == len(train_rows)
+
+    assert not report.per_input.in_data.any()  # the gap is away from the data, all of it
+    assert report.get("num_inputs", "away") == len(test_rows) and report.get("num_inputs", "in_data") == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["in_data"] for r in metrics["per_input"]] == [False] * len(test_rows)
+    assert metrics["settings"]["n_test"] == len(test_rows) and "gap split on input feature 2" in \
+        metrics["settings"]["dataset"]
