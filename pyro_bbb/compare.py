@@ -55,9 +55,10 @@ PARETO_K_MAX = 0.7
 REFERENCE_PICTURES = ("reference_trace.png", "reference_rank.png")
 REFERENCE_PICTURES_NOTE = (
     "The reference's chains on quantities a network identifies (the noise std where it is learned, "
-    "f(x*) at three test inputs, a classifier's last-class probability; never weights, which permute): in the trace plot the chains should "
-    "overlap, each wandering over the same range with no trend, and in the rank plot each chain's "
-    "histogram of ranks should be flat (a sloped or humped one sampled another region)."
+    "f(x*) at three test inputs, a classifier's last-class probability; never weights, which "
+    "permute): in the trace plot the chains should overlap, each wandering over the same range "
+    "with no trend, and in the rank plot each chain's histogram of ranks should be flat (a sloped "
+    "or humped one sampled another region)."
 )
 
 

@@ -9,8 +9,8 @@ import pytest
 from pyro_bbb import cli
 from test_report import SETTINGS, FakeReport  # the report writer's stand-ins
 
-PROMISED = ["report.md", "report.html", "metrics.json", "predictive_bands.png", "std_ratio.png", "elbo.png", "forest.png",
-            "reference_trace.png", "reference_rank.png"]
+PROMISED = ["report.md", "report.html", "metrics.json", "predictive_bands.png", "std_ratio.png", "elbo.png",
+            "forest.png", "reference_trace.png", "reference_rank.png"]
 TINY = ["--epochs", "30", "--warmup", "15", "--samples", "15", "--max-tree-depth", "4", "--hidden", "8",
         "--vi-samples", "100", "--quiet"]
 
