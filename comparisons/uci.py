@@ -622,10 +622,11 @@ def hmc_interpretation(cache, datasets, hmc_splits) -> str:
             + (f" and of the max nested R-hat across superchains {np.median(nested):.2f}" if nested else "")
             + f"; the chains' posterior-mean noise std differs by a factor of {np.median(spread):.2f} "
             "between the chain with the largest and the one with the smallest (median over splits). The "
-            "noise std is one number fixed by a few hundred residuals, which a chain in equilibrium knows "
-            "to a few per cent, so chains that disagree on it by that much sit in modes of the network's "
-            "posterior that fit the data differently well and that they do not leave: more draws within "
-            "this budget do not make them agree. These splits have no reference.")
+            "noise std is one number fixed by a few hundred residuals (its posterior std is a few per cent "
+            "of it), so chains that disagree on it by that much have not reached one equilibrium: they "
+            "sit in modes of the network's posterior that fit the data differently well, or are still "
+            "drifting towards better fits, and nested R-hat says the superchains started from different "
+            "MAP fits disagree. These splits have no reference.")
     if ok:
         pairs = [(r, cache.get(n, "bbb_gaussian", s_)) for (n, s_), r in ok.items()]
         pairs = [(h, b) for h, b in pairs if b is not None]
