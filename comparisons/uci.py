@@ -713,8 +713,7 @@ def interpretation(summary, targets, cache, datasets, hmc_splits, mode, num_chai
         + (f"; the data folders' n_epochs.txt gives the reference runs' epochs ({epochs_note})" if epochs_note else "")
         + ". Our BBB settings are global (one learning rate, step count, initial "
         "sigma and mixture for all data sets), chosen on validation rows of yacht and bostonHousing "
-        "only. Standard errors over splits are large relative to some differences (e.g. boston), and "
-        "the published standard errors are over 20 splits while HMC here uses fewer."
+        "only. Standard errors over splits are large relative to some differences (e.g. boston)."
     )
     return "\n\n".join(text)
 
