@@ -454,9 +454,9 @@ def digits_for(name):
     return 3 if name == "wine-quality-red" else 2
 
 
-def converged_splits(cache, name, splits) -> int:
-    """Splits on which the HMC reference passed its own convergence check."""
-    return sum(bool((cache.get(name, "hmc", s) or {}).get("converged")) for s in splits)
+def converged_splits(cache, name, splits) -> list:
+    """The splits on which the HMC reference passed its own convergence check."""
+    return [s for s in splits if (cache.get(name, "hmc", s) or {}).get("converged")]
 
 
 def mean_noise(cache, name, method, splits) -> float:
@@ -473,7 +473,7 @@ def results_table(summary, cache, splits_of) -> str:
                 r = res[method]
                 label = METHOD_LABELS[method]
                 if method == "hmc":
-                    k_ok = converged_splits(cache, name, splits_of(method))
+                    k_ok = len(converged_splits(cache, name, splits_of(method)))
                     label += (f" (converged on {k_ok} of {r['n_splits']} splits"
                               + ("" if k_ok == r["n_splits"] else ": not a reference") + ")")
                 rows.append([name, label, r["n_splits"], fmt(r["rmse_mean"], r["rmse_se"], k),
@@ -574,7 +574,7 @@ def paired_table(cache, datasets, hmc_splits) -> str:
     ones on which BBB can be judged against it)."""
     rows = []
     for name in datasets:
-        ok = [s_ for s_ in hmc_splits if (cache.get(name, "hmc", s_) or {}).get("converged")]
+        ok = converged_splits(cache, name, hmc_splits)
         row = [name, len(ok)]
         for method in METHODS:
             rs = [cache.get(name, method, s_) for s_ in ok]
@@ -607,7 +607,7 @@ def hmc_interpretation(cache, datasets, hmc_splits) -> str:
     if not runs:
         return ""
     ok = {k: r for k, r in runs.items() if r.get("converged")}
-    per_set = ", ".join(f"{n} {converged_splits(cache, n, hmc_splits)}/"
+    per_set = ", ".join(f"{n} {len(converged_splits(cache, n, hmc_splits))}/"
                         f"{sum(k[0] == n for k in runs)}" for n in datasets if any(k[0] == n for k in runs))
     cpu = [r.get("cpu_seconds", r["train_seconds"]) for r in runs.values()]
     text = [f"**The HMC reference converged on {len(ok)} of {len(runs)} splits** ({per_set}), at "
