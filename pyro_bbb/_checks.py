@@ -35,6 +35,13 @@ def unit_interval(name: str, value) -> float:
     return float(value)
 
 
+def fraction(name: str, value) -> float:
+    """A number in (0, 1]: a factor that may leave a value as it is."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
 def boolean(name: str, value) -> bool:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
