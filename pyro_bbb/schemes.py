@@ -60,6 +60,7 @@ from .train import NonFiniteLossError, fit
 
 __all__ = [
     "AUTOGUIDE_KINDS",
+    "ElementwiseAffine",
     "SCHEMES",
     "bbb",
     "bbb_mixture",

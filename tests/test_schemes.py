@@ -171,6 +171,54 @@ def test_gaussian_guides_start_at_the_network_with_init_scale():
         torch.testing.assert_close(scale, torch.full_like(value, 0.03))
 
 
+def test_flow_starts_at_the_network_with_init_scale():
+    # Untrained (one step of lr 1e-9), the located flow's draws sit at the network's
+    # initial weights, spread ~init_scale: the IAF's own random shift and scale (of
+    # order 1 at Pyro's initialization) are multiplied by init_scale = 0.03.  Bounds of
+    # 3x init_scale on the mean and a factor 4 on the spread hold that; the unlocated
+    # IAF (draws ~ N(0, 1): spread 1, mean 0 against weights up to 0.7) fails both.
+    model = small_bnn(noise=0.1)
+    x, y = bnn_data()
+    guide = schemes.fit_autoguide(model, x, y, "flow", hidden_dims=[40], epochs=1, lr=1e-9,
+                                  init_scale=0.03, seed=0, progress=False)
+    draws = bbb.to_inference_data(model, guide, x, y, num_samples=2000, seed=0).posterior
+    for name, value in model.initial_values().items():
+        site = torch.as_tensor(draws[name].values[0])
+        assert (site.mean(0) - value).abs().max() < 3 * 0.03, name
+        assert 0.03 / 4 < site.std(0).min() and site.std(0).max() < 4 * 0.03, name
+
+
+def test_elementwise_affine_matches_torch_affine_transform():
+    loc, scale = torch.randn(5, dtype=F64), 0.3
+    ours = schemes.ElementwiseAffine(loc, scale).to(F64)
+    theirs = torch.distributions.AffineTransform(loc, torch.full_like(loc, scale), event_dim=1)
+    z = torch.randn(4, 5, dtype=F64)
+    torch.testing.assert_close(ours(z), theirs(z))
+    torch.testing.assert_close(ours.inv(ours(z)), z)
+    torch.testing.assert_close(ours.log_abs_det_jacobian(z, ours(z)), theirs.log_abs_det_jacobian(z, theirs(z)))
+
+
+def test_lr_decay_lowers_the_learning_rate_to_lr_times_decay():
+    # Two steps with lr_decay 1e-12 take lr * 1e-6 and lr * 1e-12 (the lr falls
+    # geometrically, reaching lr * lr_decay at the last step): Adam moves each parameter
+    # by at most ~its lr, so they stay within 1e-7 of where they started, while two
+    # steps at the constant lr 0.01 move them ~0.01 each.
+    x, y = bnn_data()
+
+    def fitted(epochs, lr, decay):
+        model = small_bnn(noise=0.1)
+        guide = schemes.fit_autoguide(model, x, y, "diagonal", epochs=epochs, lr=lr, lr_decay=decay,
+                                      seed=0, progress=False)
+        return torch.cat([p.detach().reshape(-1) for p in guide.parameters()])
+
+    start, decayed, constant = fitted(1, 1e-12, 1.0), fitted(2, 0.01, 1e-12), fitted(2, 0.01, 1.0)
+    assert (decayed - start).abs().max() < 1e-7
+    assert (constant - start).abs().min() > 1e-3
+    for bad in (0.0, 1.5, True):
+        with pytest.raises(ValueError, match="lr_decay"):
+            schemes.fit_autoguide(small_bnn(), x, y, "diagonal", epochs=1, lr_decay=bad, progress=False)
+
+
 def test_two_guides_of_one_kind_keep_their_own_parameters():
     # Pyro names an AutoGuide's parameters by its class in the global param store; a second
     # AutoNormal must neither start from the first one's values nor move them.
