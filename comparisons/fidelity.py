@@ -22,6 +22,7 @@ soon as it is done, so an interrupted run resumes (a different configuration sta
     python comparisons/fidelity.py --quick   # CI: yacht split 0 + gap 0 + curve, 3 schemes
     python comparisons/fidelity.py           # everything (hours on a CPU)
     python comparisons/fidelity.py --datasets yacht,curve --splits 0,gap2
+    python comparisons/fidelity.py --report-only   # the report of what the cache holds so far
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import classification as cls  # noqa: E402  (versions, command line, tables)
 import pyro.distributions as dist  # noqa: E402
 import pyro_bbb as bbb  # noqa: E402
 from pyro_bbb import schemes  # noqa: E402
+from pyro_bbb.fidelity import OVERCONFIDENT_BELOW, UNDERCONFIDENT_ABOVE  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ROOT = HERE.parent.parent / "shared" / "data" / "uci"
@@ -81,8 +83,13 @@ class DataMissing(RuntimeError):
 
 
 # -- problems --------------------------------------------------------------------------------
+def root_path(arg) -> Path:
+    """The UCI data folder named by ``--root``, the environment or the default (unchecked)."""
+    return Path(arg or os.environ.get(bbb.datasets.UCI_ROOT_ENV) or DEFAULT_ROOT).expanduser()
+
+
 def resolve_root(arg) -> Path:
-    root = Path(arg or os.environ.get(bbb.datasets.UCI_ROOT_ENV) or DEFAULT_ROOT).expanduser()
+    root = root_path(arg)
     if not root.is_dir():
         raise DataMissing(f"fidelity.py: UCI data folder {str(root)!r} not found. Pass --root DIR or set "
                           f"{bbb.datasets.UCI_ROOT_ENV} to a folder holding yacht/, bostonHousing/, ...")
@@ -292,29 +299,95 @@ def literature(results, scheme_names) -> str:
     return " ".join(parts)
 
 
+def reading(ratio: float) -> str:
+    """A median std ratio read as over-confident, under-confident or about right."""
+    if not math.isfinite(ratio):
+        return "–"
+    if ratio < OVERCONFIDENT_BELOW:
+        return f"{ratio:.2f} (over-confident)"
+    return f"{ratio:.2f} (under-confident)" if ratio > UNDERCONFIDENT_ABOVE else f"{ratio:.2f} (about right)"
+
+
+def median_over(results, keys, scheme, metric) -> float:
+    vals = list(finite_values(results, keys, scheme, metric).values())
+    return float(np.median(vals)) if vals else float("nan")
+
+
+def problem_groups(keys) -> dict:
+    """Where each headline figure is read: ``{label: (problems, metric, std ratio field)}``."""
+    return {label: (subset, metric, field) for label, subset, metric, field in (
+        ("the standard UCI splits", [k for k in keys if "/split" in k], "w1_mean", "std_ratio_median_in"),
+        ("the UCI gap splits", [k for k in keys if "/gap" in k], "w1_mean", "std_ratio_median_away"),
+        ("the curve", [k for k in keys if k == "curve"], "w1_mean", None),
+        ("breast_cancer", [k for k in keys if k == "breast_cancer"], "tv", None)) if subset}
+
+
+def headline(results, keys, scheme_names) -> str:
+    """The report's opening: did the reference converge, which scheme is closest to it on
+    each group of problems and by how much, and which schemes are over-confident."""
+    ok = [k for k in keys if results[k]["reference_converged"]]
+    bad = [k for k in keys if k not in ok]
+    parts = [f"The reference converged on {len(ok)} of {len(keys)} problems"
+             + (f" (not on {', '.join(bad)}, which are never averaged or ranked)." if bad else ".")]
+    for label, (subset, metric, _) in problem_groups(keys).items():
+        means = {s: mean_over(results, subset, s, metric) for s in scheme_names}
+        ranked = sorted((v, s) for s, v in means.items() if math.isfinite(v))
+        counted = sum(results[k]["reference_converged"] for k in subset)
+        if len(ranked) < 2:
+            parts.append(f"On {label}: no converged problem to rank schemes on.")
+            continue
+        (v1, s1), (v2, s2) = ranked[:2]
+        bbb_part = f"; BBB {means['bbb']:.3g}" if s1 != "bbb" and "bbb" in means and s2 != "bbb" else ""
+        parts.append(f"On {label} ({counted} converged), {s1} is closest to the reference (mean {metric} "
+                     f"{v1:.3g}), then {s2} ({v2:.3g}, {v2 / v1:.2f}x farther){bbb_part}; farthest: "
+                     f"{ranked[-1][1]} ({ranked[-1][0]:.3g}).")
+    over = {label: [s for s in scheme_names if median_over(results, subset, s, field) < OVERCONFIDENT_BELOW]
+            for label, (subset, _, field) in problem_groups(keys).items() if field}
+    parts += [f"Over-confident on {label} (median std ratio below {OVERCONFIDENT_BELOW:g}): "
+              f"{', '.join(names) or 'none'}." for label, names in over.items()]
+    return " ".join(parts)
+
+
+def confidence_table(results, keys, scheme_names) -> str:
+    """Median over converged problems of each scheme's median std ratio, in the data
+    (standard splits) and in the gap (gap splits)."""
+    groups = {label: v for label, v in problem_groups(keys).items() if v[2]}
+    rows = [[s, *(reading(median_over(results, subset, s, field)) for subset, _, field in groups.values())]
+            for s in scheme_names]
+    return cls.write_markdown_table(rows, ["scheme", *(f"std ratio on {label}" for label in groups)])
+
+
 def plot_w1(results, scheme_names, path: Path) -> bool:
-    """Bar chart of w1_mean per scheme, averaged over the converged UCI problems."""
+    """Bars of w1_mean per scheme averaged over the converged standard and gap UCI
+    problems (one panel each, log scale: the schemes differ by orders of magnitude)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    uci = [k for k in results if "/" in k]
-    means = [mean_over(results, uci, s, "w1_mean") for s in scheme_names]
-    if not any(math.isfinite(m) for m in means):
+    panels = {label: subset for label, (subset, metric, _) in problem_groups(list(results)).items()
+              if "UCI" in label}
+    means = {label: [mean_over(results, subset, s, "w1_mean") for s in scheme_names]
+             for label, subset in panels.items()}
+    means = {label: m for label, m in means.items() if any(math.isfinite(v) for v in m)}
+    if not means:
         return False
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(scheme_names), 3.2))
-    ax.bar(scheme_names, [m if math.isfinite(m) else 0.0 for m in means], color="tab:blue")
-    ax.set_ylabel("w1_mean to HMC (standardized f)")
-    ax.set_title("UCI problems whose reference converged")
-    ax.tick_params(axis="x", rotation=45)
+    fig, axes = plt.subplots(1, len(means), figsize=(1.0 + 0.8 * len(scheme_names) * len(means), 3.4),
+                             squeeze=False)
+    for ax, (label, m) in zip(axes[0], means.items()):
+        ax.bar(scheme_names, [v if math.isfinite(v) else np.nan for v in m], color="tab:blue")
+        ax.set_yscale("log")
+        ax.set_ylabel("mean w1 to HMC (standardized f)")
+        counted = sum(results[k]["reference_converged"] for k in panels[label])
+        ax.set_title(f"{label} ({counted} converged)")
+        ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return True
 
 
-def write_report(out: Path, results, keys, cfg, mode, figures, wall) -> None:
+def write_report(out: Path, results, keys, cfg, mode, figures, wall, missing=()) -> None:
     names = cfg["schemes"]
     lines = ["# Inference schemes against HMC", "",
              f"Mode: {mode}. Command: `{cls.command_line()}`. Wall time {wall:.0f} s "
@@ -330,6 +403,11 @@ def write_report(out: Path, results, keys, cfg, mode, figures, wall) -> None:
              f"{cfg['time_limit']:g} s. On gap splits every test input counts as away from the data.", "",
              "Values are the fidelity metric (w1_mean for regression, tv for classification; ideal 0). "
              f"In parentheses: {NOT_CONVERGED}, stored but never averaged or ranked.", ""]
+    lines[2:2] = [headline(results, keys, names), ""] + (
+        [f"Not run yet (no cached result): {', '.join(missing)}.", ""] if missing else [])
+    if any(field for _, _, field in problem_groups(keys).values()):
+        lines += ["## Confidence", "", "Median over converged problems of each scheme's median std ratio "
+                  "to HMC (1 is right; below it over-confident).", "", confidence_table(results, keys, names), ""]
     groups = list(dict.fromkeys(group_of(k) for k in keys))
     for group in groups:
         lines += [f"## {group}", "", group_table([k for k in keys if group_of(k) == group], results, names), ""]
@@ -347,7 +425,8 @@ def write_report(out: Path, results, keys, cfg, mode, figures, wall) -> None:
 
 
 # -- main ------------------------------------------------------------------------------------
-def main(argv=None) -> dict:
+def parse(argv):
+    """``(args, cfg, datasets)`` from the command line; a bad option exits with status 2."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI size: yacht split 0 + gap 0 + curve, 3 schemes")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="output folder")
@@ -359,9 +438,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--time-limit", type=float,
                         help="seconds for each reference, warmup included (default: 600 in full mode)")
     parser.add_argument("--threads", type=int, help="torch threads (default: the CPUs, at most 4)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="compute nothing: report the selected problems already in the cache "
+                             "and list the others as not run")
     args = parser.parse_args(argv)
-    mode = "quick" if args.quick else "full"
-    cfg = dict(CONFIGS[mode])
+    cfg = dict(CONFIGS["quick" if args.quick else "full"])
     if args.time_limit is not None:
         if not args.time_limit > 0:
             parser.error("--time-limit must be a positive number of seconds")
@@ -378,15 +459,11 @@ def main(argv=None) -> dict:
         parser.error(f"--datasets: unknown {', '.join(unknown)} (choose among {', '.join(ALL_DATASETS)})")
     if args.threads is not None and args.threads < 1:
         parser.error("--threads must be at least 1")
-    torch.set_num_threads(args.threads or max(1, min(4, os.cpu_count() or 1)))
-    args.out.mkdir(parents=True, exist_ok=True)
-    try:
-        root = resolve_root(args.root) if set(datasets) & set(UCI_SETS) else None
-        keys = problem_keys(datasets, [s.strip() for s in cfg["splits"].split(",")], root)
-    except DataMissing as err:
-        sys.exit(str(err))
-    cache = Cache(args.out / f"fidelity_cache_{mode}.json", {**cfg, "root": str(root)})
-    t0 = time.perf_counter()
+    return args, cfg, datasets
+
+
+def compute(keys, cache, root, cfg, out: Path) -> None:
+    """Run every selected problem not yet in the cache, caching each as it ends."""
     for i, key in enumerate(keys, 1):
         if key in cache.results:
             continue
@@ -397,20 +474,46 @@ def main(argv=None) -> dict:
             sys.exit(str(err))
         r = run_problem(key, data, cfg)
         if key == "curve":
-            r["report"].plot(args.out / "fidelity_curve")
+            r["report"].plot(out / "fidelity_curve")
         del r["report"]
         cache.put(key, r)
-    results = cache.results
+
+
+def render(out: Path, results, keys, cfg, mode, wall, missing) -> dict:
+    """fidelity.json, the bar chart and fidelity.md for the problems ``keys``."""
     table = {k: results[k]["schemes"] for k in keys}
-    (args.out / "fidelity.json").write_text(json.dumps(table, indent=1))
-    curve_dir = args.out / "fidelity_curve"
-    figures = ([str(p.relative_to(args.out)) for p in sorted(curve_dir.glob("*.png"))]
+    (out / "fidelity.json").write_text(json.dumps(table, indent=1))
+    curve_dir = out / "fidelity_curve"
+    figures = ([str(p.relative_to(out)) for p in sorted(curve_dir.glob("*.png"))]
                if "curve" in keys and curve_dir.is_dir() else [])
-    if plot_w1({k: results[k] for k in keys}, cfg["schemes"], args.out / "fidelity_w1.png"):
+    if plot_w1({k: results[k] for k in keys}, cfg["schemes"], out / "fidelity_w1.png"):
         figures.append("fidelity_w1.png")
-    write_report(args.out, results, keys, cfg, mode, figures, time.perf_counter() - t0)
-    print(f"[fidelity] wrote {args.out / 'fidelity.md'} and {args.out / 'fidelity.json'}", flush=True)
+    write_report(out, results, keys, cfg, mode, figures, wall, missing)
+    print(f"[fidelity] wrote {out / 'fidelity.md'} and {out / 'fidelity.json'}", flush=True)
     return table
+
+
+def main(argv=None) -> dict:
+    args, cfg, datasets = parse(argv)
+    mode = "quick" if args.quick else "full"
+    torch.set_num_threads(args.threads or max(1, min(4, os.cpu_count() or 1)))
+    args.out.mkdir(parents=True, exist_ok=True)
+    try:
+        root = resolve_root(args.root) if set(datasets) & set(UCI_SETS) else None
+        keys = problem_keys(datasets, [s.strip() for s in cfg["splits"].split(",")], root)
+    except DataMissing as err:
+        sys.exit(str(err))
+    # the data folder as named, whether or not this selection reads it: runs over different
+    # selections (with and without UCI sets) share one cache
+    cache = Cache(args.out / f"fidelity_cache_{mode}.json", {**cfg, "root": str(root_path(args.root))})
+    t0 = time.perf_counter()
+    if not args.report_only:
+        compute(keys, cache, root, cfg, args.out)
+    done = [k for k in keys if k in cache.results]
+    if not done:
+        sys.exit("fidelity.py: no selected problem is in the cache yet; run without --report-only")
+    missing = [k for k in keys if k not in cache.results]
+    return render(args.out, cache.results, done, cfg, mode, time.perf_counter() - t0, missing)
 
 
 if __name__ == "__main__":
