@@ -318,7 +318,48 @@ def test_fidelity_quick(tmp_path):
     assert "python comparisons/fidelity.py --quick" in md and "torch" in md
     assert (tmp_path / "fidelity_curve").is_dir() and any((tmp_path / "fidelity_curve").glob("*.png"))
 
+    # the report opens with its headline, before the settings
+    assert md.index("The reference converged on") < md.index("Mode: quick")
+
     # a rerun with the same configuration resumes from the cache: nothing is recomputed
     proc = _run("fidelity.py", tmp_path, "--root", str(UCI_ROOT))
     assert "(3 problems cached)" in proc.stdout
     assert json.loads((tmp_path / "fidelity.json").read_text()) == results
+
+    # --report-only computes nothing: cached problems are reported, the others listed
+    proc = _run("fidelity.py", tmp_path, "--root", str(UCI_ROOT), "--report-only",
+                "--datasets", "yacht", "--splits", "0,1")
+    assert "yacht/split1" not in proc.stdout  # no "[fidelity] 2/2 yacht/split1" line: nothing ran
+    assert list(json.loads((tmp_path / "fidelity.json").read_text())) == ["yacht/split0"]
+    assert "Not run yet (no cached result): yacht/split1." in (tmp_path / "fidelity.md").read_text()
+
+
+def _fidelity_module():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import fidelity
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    return fidelity
+
+
+def _problem(converged, **w1_by_scheme):
+    return {"reference_converged": converged, "metric": "w1_mean", "stop_reason": "converged",
+            "schemes": {s: {"w1_mean": w, "std_ratio_median_in": None, "std_ratio_median_away": w / 4}
+                        for s, w in w1_by_scheme.items()}}
+
+
+def test_fidelity_headline_ranks_schemes_on_converged_problems_only():
+    fidelity = _fidelity_module()
+    results = {"yacht/gap0": _problem(True, bbb=1.0, ensemble=2.0, laplace=0.5),
+               "yacht/gap1": _problem(True, bbb=3.0, ensemble=2.0, laplace=0.5),
+               "energy/gap0": _problem(False, bbb=0.01, ensemble=0.01, laplace=100.0)}
+    text = fidelity.headline(results, list(results), ["bbb", "ensemble", "laplace"])
+    # means over the two converged gaps: laplace 0.5, bbb 2.0, ensemble 2.0 (ties by name);
+    # energy/gap0 would change every mean if it counted
+    assert "converged on 2 of 3 problems (not on energy/gap0" in text
+    assert ("On the UCI gap splits (2 converged), laplace is closest to the reference (mean w1_mean 0.5), "
+            "then bbb (2, 4.00x farther)") in text
+    assert "farthest: ensemble (2)" in text
+    # std ratio in the gap = w1 / 4: bbb 0.25 and 0.75 (median 0.5), ensemble 0.5, laplace 0.125
+    assert "Over-confident on the UCI gap splits (median std ratio below 0.8): bbb, ensemble, laplace." in text
