@@ -236,15 +236,10 @@ TARGETS = [
 ]
 
 
-def run(args) -> str:
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    pyro.set_rng_seed(0)
-    gauss = dist.Normal(0.0, 1.0)
-    mix = bbb.ScaleMixtureNormal(0.5, 1.0, math.exp(-6))
-    rounds = 3 if args.quick else args.rounds
+def header_lines(args, rounds: int) -> list[str]:
+    """The report's title, command, machine, versions and the notes on method, estimators and floors."""
     one_thread = torch.get_num_threads() == 1
-    lines = [
+    return [
         "# Training step: pyro_bbb.fit vs a deterministic step and a hand-written torch BBB step",
         "",
         f"Command: `{' '.join(['python benchmarks/train_step.py'] + sys.argv[1:])}`",
@@ -272,49 +267,57 @@ def run(args) -> str:
         "matrix products, twice the deterministic ones",
         "",
     ]
-    results = {}
-    for key, problem in (("big", big_problem), ("small", small_problem)):
-        title, net, x, y, num_data, task = problem()
-        pyro.clear_param_store()  # AutoNormal keeps its parameters there, by name
-        steps = {"deterministic": deterministic_step(net, x, y, num_data, task)}
-        steps["floor: deterministic + randn per weight"] = noise_floor_step(net, x, y, num_data, task)
-        steps["floor: local-reparam matrix products"] = local_reparam_floor_step(net, x, y, num_data, task)
-        steps["hand-written torch BBB, N(0,1)"] = handwritten_bbb_step(net, x, y, num_data, task, gauss)
-        steps["Pyro AutoNormal + Trace_ELBO, N(0,1)"] = pyro_autonormal_step(net, x, y, num_data, task, gauss)
-        steps["fit, N(0,1), kl=mc"] = fit_step(net, x, y, num_data, task, gauss, "mc")
-        steps["fit, N(0,1), kl=analytic"] = fit_step(net, x, y, num_data, task, gauss, "analytic")
-        steps["fit, scale mixture, kl=mc"] = fit_step(net, x, y, num_data, task, mix, "mc")
-        for est in ("local_reparam", "flipout"):
-            steps[f"fit {est}, N(0,1), kl=analytic"] = fit_step(net, x, y, num_data, task, gauss, "analytic",
-                                                                estimator=est)
-            steps[f"fit {est}, N(0,1), kl=mc"] = fit_step(net, x, y, num_data, task, gauss, "mc", estimator=est)
-            steps[f"fit {est}, scale mixture, kl=mc"] = fit_step(net, x, y, num_data, task, mix, "mc",
-                                                                 estimator=est)
-        if not args.no_compile:  # fit(compile=True): the elementwise work as compiled kernels
-            for name, prior, kl, est in (("fit compiled, N(0,1), kl=mc", gauss, "mc", "weights"),
-                                         ("fit compiled, scale mixture, kl=mc", mix, "mc", "weights"),
-                                         ("fit compiled local_reparam, N(0,1), kl=analytic", gauss, "analytic",
-                                          "local_reparam")):
-                steps[name] = fit_step(net, x, y, num_data, task, prior, kl, estimator=est, compile=True,
-                                       name=f"{key}: {name}")
-        result = results[key] = measure(steps, rounds=rounds, block=args.block)
-        lines += [
-            f"## {title}",
-            "",
-            "| step | ms/step wall | ms/step cpu | x deterministic (wall) | x deterministic (cpu) "
-            "| x hand-written BBB (wall) | x hand-written BBB (cpu) |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        base, hand = "deterministic", "hand-written torch BBB, N(0,1)"
-        for name in steps:
-            lines.append(
-                f"| {name} | {result.median('wall', name) * 1e3:.2f} | {result.median('cpu', name) * 1e3:.2f} | "
-                + " | ".join(f"{result.ratio(clock, name, ref):.2f}" for ref in (base, hand) for clock in CLOCKS)
-                + " |"
-            )
-        lines.append("")
-        print("\n".join(lines[-len(steps) - 5:]), flush=True)
-    lines += [
+
+
+def problem_steps(key, net, x, y, num_data, task, gauss, mix, no_compile: bool) -> dict:
+    """The step functions timed on one problem, by row name, in the table's order."""
+    steps = {"deterministic": deterministic_step(net, x, y, num_data, task)}
+    steps["floor: deterministic + randn per weight"] = noise_floor_step(net, x, y, num_data, task)
+    steps["floor: local-reparam matrix products"] = local_reparam_floor_step(net, x, y, num_data, task)
+    steps["hand-written torch BBB, N(0,1)"] = handwritten_bbb_step(net, x, y, num_data, task, gauss)
+    steps["Pyro AutoNormal + Trace_ELBO, N(0,1)"] = pyro_autonormal_step(net, x, y, num_data, task, gauss)
+    steps["fit, N(0,1), kl=mc"] = fit_step(net, x, y, num_data, task, gauss, "mc")
+    steps["fit, N(0,1), kl=analytic"] = fit_step(net, x, y, num_data, task, gauss, "analytic")
+    steps["fit, scale mixture, kl=mc"] = fit_step(net, x, y, num_data, task, mix, "mc")
+    for est in ("local_reparam", "flipout"):
+        steps[f"fit {est}, N(0,1), kl=analytic"] = fit_step(net, x, y, num_data, task, gauss, "analytic",
+                                                            estimator=est)
+        steps[f"fit {est}, N(0,1), kl=mc"] = fit_step(net, x, y, num_data, task, gauss, "mc", estimator=est)
+        steps[f"fit {est}, scale mixture, kl=mc"] = fit_step(net, x, y, num_data, task, mix, "mc",
+                                                             estimator=est)
+    if not no_compile:  # fit(compile=True): the elementwise work as compiled kernels
+        for name, prior, kl, est in (("fit compiled, N(0,1), kl=mc", gauss, "mc", "weights"),
+                                     ("fit compiled, scale mixture, kl=mc", mix, "mc", "weights"),
+                                     ("fit compiled local_reparam, N(0,1), kl=analytic", gauss, "analytic",
+                                      "local_reparam")):
+            steps[name] = fit_step(net, x, y, num_data, task, prior, kl, estimator=est, compile=True,
+                                   name=f"{key}: {name}")
+    return steps
+
+
+def problem_table(title: str, steps: dict, result: Timings) -> list[str]:
+    """One problem's section: ms per step and the ratios to the deterministic and hand-written steps."""
+    lines = [
+        f"## {title}",
+        "",
+        "| step | ms/step wall | ms/step cpu | x deterministic (wall) | x deterministic (cpu) "
+        "| x hand-written BBB (wall) | x hand-written BBB (cpu) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    base, hand = "deterministic", "hand-written torch BBB, N(0,1)"
+    for name in steps:
+        lines.append(
+            f"| {name} | {result.median('wall', name) * 1e3:.2f} | {result.median('cpu', name) * 1e3:.2f} | "
+            + " | ".join(f"{result.ratio(clock, name, ref):.2f}" for ref in (base, hand) for clock in CLOCKS)
+            + " |"
+        )
+    lines.append("")
+    return lines
+
+
+def targets_lines(results: dict) -> list[str]:
+    """The "Targets" section: each target's ratio by wall and cpu time and whether it is met."""
+    lines = [
         "## Targets",
         "",
         "| problem | step | vs | target | ratio (wall) | ratio (cpu) | met |",
@@ -330,12 +333,40 @@ def run(args) -> str:
                                   ("by wall time only" if r_wall <= target else "no"))
         lines.append(f"| {names[key]} | {step} | {ref} | <= {target} | {r_wall:.2f} | {r_cpu:.2f} | {met} |")
     lines.append("")
-    if COMPILE_SECONDS:
-        lines += ["One-off compilation (wall time of the first `compile=True` step; an empty compilation "
-                  "cache unless TORCHINDUCTOR_CACHE_DIR was set; later rows reuse what the first compiled):",
-                  ""]
-        lines += [f"- {name}: {seconds:.1f} s" for name, seconds in COMPILE_SECONDS.items()]
-        lines.append("")
+    return lines
+
+
+def compile_lines() -> list[str]:
+    """The one-off compilation times of the compile=True rows; empty when none ran."""
+    if not COMPILE_SECONDS:
+        return []
+    lines = ["One-off compilation (wall time of the first `compile=True` step; an empty compilation "
+             "cache unless TORCHINDUCTOR_CACHE_DIR was set; later rows reuse what the first compiled):",
+             ""]
+    lines += [f"- {name}: {seconds:.1f} s" for name, seconds in COMPILE_SECONDS.items()]
+    lines.append("")
+    return lines
+
+
+def run(args) -> str:
+    """Times every step on both problems, printing each table as it is done; returns the markdown report."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    pyro.set_rng_seed(0)
+    gauss = dist.Normal(0.0, 1.0)
+    mix = bbb.ScaleMixtureNormal(0.5, 1.0, math.exp(-6))
+    rounds = 3 if args.quick else args.rounds
+    lines = header_lines(args, rounds)
+    results = {}
+    for key, problem in (("big", big_problem), ("small", small_problem)):
+        title, net, x, y, num_data, task = problem()
+        pyro.clear_param_store()  # AutoNormal keeps its parameters there, by name
+        steps = problem_steps(key, net, x, y, num_data, task, gauss, mix, args.no_compile)
+        result = results[key] = measure(steps, rounds=rounds, block=args.block)
+        lines += problem_table(title, steps, result)
+        print("\n".join(lines[-len(steps) - 5:]), flush=True)
+    lines += targets_lines(results)
+    lines += compile_lines()
     print("\n".join(lines[-len(TARGETS) - 4 - len(COMPILE_SECONDS) - 2:]), flush=True)
     return "\n".join(lines) + "\n"
 

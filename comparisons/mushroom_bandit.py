@@ -350,9 +350,8 @@ def fmt(m, se, scale=1.0, digits=0, unit=""):
     return f"{scale * m:.{digits}f}{unit} +- {scale * se:.{digits}f}{unit}"
 
 
-def write_report(path, r, mode, total, data_file):
-    cfg = r["config"]
-    s = r["summary"]
+def results_table(s, cfg) -> str:
+    """The markdown table of regret and eating shares per agent, mean +- SE over seeds."""
     rows = []
     for agent, e in s["agents"].items():
         rows.append([
@@ -366,18 +365,27 @@ def write_report(path, r, mode, total, data_file):
             fmt(e["tail_poisonous_eaten"], e["tail_poisonous_eaten_se"], 100, 1, "%"),
             f"{e['seconds']:.0f}",
         ])
-    table = cls.write_markdown_table(rows, [
+    return cls.write_markdown_table(rows, [
         "agent", f"cumulative regret at step {cfg['steps']:,}", "expected cumulative regret",
         "poisonous eaten", "edible eaten", "expected regret from poisonous eaten / edible passed",
         f"expected regret per step, last {s['tail_steps']} steps",
         f"poisonous eaten, last {s['tail_steps']} steps", "seconds per run",
     ])
+
+
+def baseline_table(s, cfg) -> str:
+    """The markdown table of the fixed policies' expected regret, per step and over the run."""
     b = s["baseline_expected_final_regret"]
     base_rows = [[name, f"{s['baseline_expected_regret_per_step'][key]:.3f}", f"{b[key]:.0f}"]
                  for name, key in (("uniformly random", "random"), ("never eat", "never_eat"),
                                    ("always eat", "always_eat"))]
-    red = r["budget_reduction"]
-    parts = [
+    return cls.write_markdown_table(base_rows, ["policy", "per step", f"after {cfg['steps']:,} steps"])
+
+
+def report_header(r, mode, total, data_file) -> list[str]:
+    """The report's title, command, run time and description of the data and the environment."""
+    s = r["summary"]
+    return [
         "# The Mushroom contextual bandit (Blundell et al. 2015, section 5.3 and Figure 6, reduced budget)",
         "",
         f"Mode: **{mode}**. Command (from the repository root):",
@@ -396,6 +404,12 @@ def write_report(path, r, mode, total, data_file):
         "regret = oracle reward (5 for edible, 0 for poisonous) - agent reward. Every agent of a seed "
         "sees the same mushrooms and the same coin flips, and starts from the same initial weights.",
         "",
+    ]
+
+
+def agents_paragraph(cfg) -> str:
+    """The report's description of the agents: network, BBB's prior and guide, the greedy agents, training."""
+    return (
         f"Agents: a {119}-{HIDDEN}-{HIDDEN}-1 ReLU network on features + one-hot action, output = "
         "expected reward. BBB: `BayesianRegressor(net, prior=ScaleMixtureNormal(pi="
         f"{cfg['prior_pi']}, sigma1={_exp_text(cfg['prior_neg_log_sigma1'])}, "
@@ -407,15 +421,25 @@ def write_report(path, r, mode, total, data_file):
         f"squared error, random action with probability epsilon. All: Adam, lr {cfg['lr']}, "
         f"{cfg['updates']} minibatch updates of {cfg['batch']} (drawn with replacement from the "
         f"buffer of the last {cfg['buffer']:,} interactions) after every step; seeds "
-        f"{list(cfg['seeds'])}.",
+        f"{list(cfg['seeds'])}."
+    )
+
+
+def write_report(path, r, mode, total, data_file):
+    """Writes the markdown report to ``path``; returns nothing."""
+    cfg = r["config"]
+    s = r["summary"]
+    parts = [
+        *report_header(r, mode, total, data_file),
+        agents_paragraph(cfg),
         "",
-        "Budget against the paper's: " + red["text"],
+        "Budget against the paper's: " + r["budget_reduction"]["text"],
         "",
         "Cumulative regret at the last step (realized, and in expectation over the poisonous coin "
         "flips), share of the poisonous and edible mushrooms shown that were eaten, and the same in "
         "the last fifth of the run; mean +- standard error over seeds:",
         "",
-        table,
+        results_table(s, cfg),
         "",
         "By fifth of the run (mean over seeds): expected regret per step, and share of the "
         "poisonous / edible mushrooms eaten:",
@@ -424,7 +448,7 @@ def write_report(path, r, mode, total, data_file):
         "",
         "Expected regret of fixed policies, for scale:",
         "",
-        cls.write_markdown_table(base_rows, ["policy", "per step", f"after {cfg['steps']:,} steps"]),
+        baseline_table(s, cfg),
         "",
         "![cumulative regret against step; lines: mean over seeds, bands: min to max](mushroom_bandit.png)",
         "",
@@ -475,18 +499,9 @@ def budget_reduction(cfg) -> dict:
             "total_updates_factor": updates_paper / updates_here, "text": text}
 
 
-def interpretation(r, mode) -> str:
-    s = r["summary"]
-    a = s["agents"]
-    cfg = r["config"]
-    if mode == "quick":
-        return ("Quick mode is a smoke test (a few hundred steps, 2 seeds): it checks that the "
-                "environment, the agents and the report run, and that the agents learn something; "
-                "see the full run for the comparison.")
-    rates = s["baseline_expected_regret_per_step"]
-    text = []
-    order = sorted(a, key=lambda k: a[k]["final_expected_regret"])
-    text.append(
+def ranking_paragraph(a, cfg, rates, order) -> str:
+    """The interpretation's ranking of the agents by expected cumulative regret, against fixed policies."""
+    return (
         f"After {cfg['steps']:,} steps the expected cumulative regret ranks the agents (lowest first): "
         + "; ".join(f"{a[k]['label']} {a[k]['final_expected_regret']:.0f} +- {a[k]['final_expected_regret_se']:.0f}"
                     for k in order)
@@ -494,64 +509,86 @@ def interpretation(r, mode) -> str:
         f"eating {rates['never_eat'] * cfg['steps']:.0f}"
         + (": every agent ends below both." if all(e["final_expected_regret"] < rates["never_eat"] * cfg["steps"]
                                                   for e in a.values()) else "."))
-    if "bbb" in a and s["paired_expected_regret"]:
-        pairs = s["paired_expected_regret"]
-        parts = []
-        for k, d in pairs.items():
-            m, se = d["bbb_minus_agent"], d["se"]
-            verdict = ("indistinguishable from" if abs(m) < 2 * se else ("higher than" if m > 0 else "lower than"))
-            parts.append(f"{verdict} that of {a[k]['label']} (difference {m:+.0f} +- {se:.0f})")
-        text.append("Paired over seeds (same mushrooms, same coin flips, same initial weights), BBB's "
-                    "expected cumulative regret is " + "; ".join(parts) + ".")
-        b = a["bbb"]
-        ph, pp, pe = b["phase_regret_per_step"], b["phase_poisonous_eaten"], b["phase_edible_eaten"]
-        g0 = a.get("greedy_0")
-        phase = (f"Where BBB's regret comes from: {b['regret_from_poisonous_eaten']:.0f} of its expected "
-                 f"{b['final_expected_regret']:.0f} from poisonous mushrooms eaten and "
-                 f"{b['regret_from_edible_passed']:.0f} from edible ones passed")
-        if g0 is not None:
-            phase += (f" (greedy: {g0['regret_from_poisonous_eaten']:.0f} and "
-                      f"{g0['regret_from_edible_passed']:.0f})")
-        phase += (f". By phase (table above): in the first fifth of the run BBB {_behaviour(pp[0], pe[0])} "
-                  f"({100 * pp[0]:.0f}% of the poisonous, {100 * pe[0]:.0f}% of the edible mushrooms; "
-                  f"{ph[0]:.2f} regret per step)")
-        if g0 is not None:
-            phase += (f", the greedy agent {_behaviour(g0['phase_poisonous_eaten'][0], g0['phase_edible_eaten'][0])} "
-                      f"({100 * g0['phase_poisonous_eaten'][0]:.0f}% / {100 * g0['phase_edible_eaten'][0]:.0f}%; "
-                      f"{g0['phase_regret_per_step'][0]:.2f})")
-        phase += (f"; in the last fifth BBB eats {100 * pp[-1]:.0f}% / {100 * pe[-1]:.0f}% "
-                  f"({ph[-1]:.2f} per step)"
-                  + (f", greedy {100 * g0['phase_poisonous_eaten'][-1]:.0f}% / "
-                     f"{100 * g0['phase_edible_eaten'][-1]:.0f}% ({g0['phase_regret_per_step'][-1]:.2f})"
-                     if g0 is not None else "")
-                  + ". ")
-        if b["regret_from_edible_passed"] > b["regret_from_poisonous_eaten"]:
-            phase += ("BBB's loss is mostly caution, not exploration: it leaves edible mushrooms "
-                      "uneaten for longer than the point estimates do. A likely reason is the budget: "
-                      "each of its few updates sees one weight draw and the KL pull towards the prior, "
-                      "so after the same number of updates its mean network has learned less than the "
-                      "point estimate (untested here: a run with the paper's 64 updates per step would "
-                      "tell); its uncertainty does not make it try the edible mushrooms more often.")
-        else:
-            phase += ("BBB's loss is mostly exploration: it eats poisonous mushrooms while q is wide "
-                      "(with few interactions in the buffer the KL term outweighs the likelihood, "
-                      "`num_data` = buffer size) and becomes selective only as data accumulate.")
-        text.append(phase)
-    eps_rows = [k for k in ("greedy_1", "greedy_5") if k in a]
-    if eps_rows:
-        text.append(
-            "The price of dithering: a random action costs "
-            f"{rates['random']:.2f} expected regret, so epsilon = 1% and 5% add about "
-            f"{0.01 * rates['random']:.3f} and {0.05 * rates['random']:.3f} per step "
-            f"({0.01 * rates['random'] * cfg['steps']:.0f} and {0.05 * rates['random'] * cfg['steps']:.0f} over "
-            "the run) once the network is right; in the last fifth they lose "
-            + ", ".join(f"{a[k]['label']} {a[k]['phase_regret_per_step'][-1]:.3f}" for k in ("greedy_0", *eps_rows) if k in a)
-            + " per step. On this task the features (odor above all) separate the classes almost "
-            "perfectly, and the greedy network, trained on whatever it happened to eat, finds the "
-            "rule without deliberate exploration.")
-    red = r["budget_reduction"]
-    bbb_best = "bbb" in a and order[0] == "bbb"
-    text.append(
+
+
+def paired_paragraph(a, pairs) -> str:
+    """The interpretation's paired comparison of BBB's expected regret with each other agent's."""
+    parts = []
+    for k, d in pairs.items():
+        m, se = d["bbb_minus_agent"], d["se"]
+        verdict = ("indistinguishable from" if abs(m) < 2 * se else ("higher than" if m > 0 else "lower than"))
+        parts.append(f"{verdict} that of {a[k]['label']} (difference {m:+.0f} +- {se:.0f})")
+    return ("Paired over seeds (same mushrooms, same coin flips, same initial weights), BBB's "
+            "expected cumulative regret is " + "; ".join(parts) + ".")
+
+
+def _regret_sources(b, g0) -> str:
+    """The sentence splitting BBB's (and the greedy agent's) regret into poisonous eaten and edible passed."""
+    text = (f"Where BBB's regret comes from: {b['regret_from_poisonous_eaten']:.0f} of its expected "
+            f"{b['final_expected_regret']:.0f} from poisonous mushrooms eaten and "
+            f"{b['regret_from_edible_passed']:.0f} from edible ones passed")
+    if g0 is not None:
+        text += (f" (greedy: {g0['regret_from_poisonous_eaten']:.0f} and "
+                 f"{g0['regret_from_edible_passed']:.0f})")
+    return text
+
+
+def _phase_behaviour(b, g0) -> str:
+    """The sentence on what BBB (and the greedy agent) eat in the first and the last fifth of the run."""
+    ph, pp, pe = b["phase_regret_per_step"], b["phase_poisonous_eaten"], b["phase_edible_eaten"]
+    text = (f". By phase (table above): in the first fifth of the run BBB {_behaviour(pp[0], pe[0])} "
+            f"({100 * pp[0]:.0f}% of the poisonous, {100 * pe[0]:.0f}% of the edible mushrooms; "
+            f"{ph[0]:.2f} regret per step)")
+    if g0 is not None:
+        text += (f", the greedy agent {_behaviour(g0['phase_poisonous_eaten'][0], g0['phase_edible_eaten'][0])} "
+                 f"({100 * g0['phase_poisonous_eaten'][0]:.0f}% / {100 * g0['phase_edible_eaten'][0]:.0f}%; "
+                 f"{g0['phase_regret_per_step'][0]:.2f})")
+    text += (f"; in the last fifth BBB eats {100 * pp[-1]:.0f}% / {100 * pe[-1]:.0f}% "
+             f"({ph[-1]:.2f} per step)"
+             + (f", greedy {100 * g0['phase_poisonous_eaten'][-1]:.0f}% / "
+                f"{100 * g0['phase_edible_eaten'][-1]:.0f}% ({g0['phase_regret_per_step'][-1]:.2f})"
+                if g0 is not None else "")
+             + ". ")
+    return text
+
+
+def _loss_reading(b) -> str:
+    """The sentences reading BBB's loss as mostly caution or mostly exploration."""
+    if b["regret_from_edible_passed"] > b["regret_from_poisonous_eaten"]:
+        return ("BBB's loss is mostly caution, not exploration: it leaves edible mushrooms "
+                "uneaten for longer than the point estimates do. A likely reason is the budget: "
+                "each of its few updates sees one weight draw and the KL pull towards the prior, "
+                "so after the same number of updates its mean network has learned less than the "
+                "point estimate (untested here: a run with the paper's 64 updates per step would "
+                "tell); its uncertainty does not make it try the edible mushrooms more often.")
+    return ("BBB's loss is mostly exploration: it eats poisonous mushrooms while q is wide "
+            "(with few interactions in the buffer the KL term outweighs the likelihood, "
+            "`num_data` = buffer size) and becomes selective only as data accumulate.")
+
+
+def bbb_phase_paragraph(a) -> str:
+    """The interpretation's paragraph on where BBB's regret comes from, phase by phase."""
+    b, g0 = a["bbb"], a.get("greedy_0")
+    return _regret_sources(b, g0) + _phase_behaviour(b, g0) + _loss_reading(b)
+
+
+def dithering_paragraph(a, rates, cfg, eps_rows) -> str:
+    """The interpretation's paragraph on what epsilon-greedy's random actions cost."""
+    return (
+        "The price of dithering: a random action costs "
+        f"{rates['random']:.2f} expected regret, so epsilon = 1% and 5% add about "
+        f"{0.01 * rates['random']:.3f} and {0.05 * rates['random']:.3f} per step "
+        f"({0.01 * rates['random'] * cfg['steps']:.0f} and {0.05 * rates['random'] * cfg['steps']:.0f} over "
+        "the run) once the network is right; in the last fifth they lose "
+        + ", ".join(f"{a[k]['label']} {a[k]['phase_regret_per_step'][-1]:.3f}" for k in ("greedy_0", *eps_rows) if k in a)
+        + " per step. On this task the features (odor above all) separate the classes almost "
+        "perfectly, and the greedy network, trained on whatever it happened to eat, finds the "
+        "rule without deliberate exploration.")
+
+
+def versus_paper_paragraph(red, rates, bbb_best) -> str:
+    """The interpretation's paragraph comparing this reduced run with the paper's Figure 6."""
+    return (
         "The paper (Figure 6: 50,000 steps, 64 updates of 64 per step, five runs) finds Bayes by Backprop "
         "with the lowest cumulative regret of these agents, the epsilon-greedy ones paying for their "
         "exploration with regret that grows steadily. "
@@ -568,6 +605,28 @@ def interpretation(r, mode) -> str:
         "roughly 2x to 3.5x over 1,500 steps); sigma1 = e^-1 or e^-2 from the paper's grid helped on "
         "one seed and hurt on another; neither is used here."
     )
+
+
+def interpretation(r, mode) -> str:
+    """The report's interpretation: a smoke-test note in quick mode, else its paragraphs."""
+    s = r["summary"]
+    a = s["agents"]
+    cfg = r["config"]
+    if mode == "quick":
+        return ("Quick mode is a smoke test (a few hundred steps, 2 seeds): it checks that the "
+                "environment, the agents and the report run, and that the agents learn something; "
+                "see the full run for the comparison.")
+    rates = s["baseline_expected_regret_per_step"]
+    order = sorted(a, key=lambda k: a[k]["final_expected_regret"])
+    text = [ranking_paragraph(a, cfg, rates, order)]
+    if "bbb" in a and s["paired_expected_regret"]:
+        text.append(paired_paragraph(a, s["paired_expected_regret"]))
+        text.append(bbb_phase_paragraph(a))
+    eps_rows = [k for k in ("greedy_1", "greedy_5") if k in a]
+    if eps_rows:
+        text.append(dithering_paragraph(a, rates, cfg, eps_rows))
+    bbb_best = "bbb" in a and order[0] == "bbb"
+    text.append(versus_paper_paragraph(r["budget_reduction"], rates, bbb_best))
     return "\n\n".join(text)
 
 

@@ -174,12 +174,152 @@ def run_hmc_reference(x, y, grid, cfg, seed=0):
 
 
 # -- the study ---------------------------------------------------------------------------------
-def main(argv=None) -> dict:
+def parse_args(argv=None) -> argparse.Namespace:
+    """The parsed command line (--quick, --out, --threads)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="CI size: 2 seeds, short training, a short HMC")
     parser.add_argument("--out", type=Path, default=cls.DEFAULT_OUT, help="output folder")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest here)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def timed_hmc_reference(x, y, grid, cfg, log) -> tuple:
+    """The HMC reference, logged: (idata, f draws, train RMSE, diagnostics, seconds)."""
+    t0 = time.perf_counter()
+    hmc_idata, hmc_f, hmc_rmse, diag = run_hmc_reference(x, y, grid, cfg)
+    hmc_seconds = time.perf_counter() - t0
+    log(f"HMC: {diag['num_chains']} chains x ({diag['warmup_steps']} + {diag['num_samples']}), "
+        f"max R-hat f {diag['max_rhat_f']:.3f}, min ESS {diag['min_ess_bulk_f']:.0f} ({hmc_seconds:.0f} s)")
+    return hmc_idata, hmc_f, hmc_rmse, diag, hmc_seconds
+
+
+def fit_bbb_seeds(x, y, grid, mask, hmc_idata, cfg, log) -> tuple[dict, dict]:
+    """BBB with each prior over all seeds, logged: (runs per method, seconds per method)."""
+    runs, seconds = {}, {}
+    for method, kind in (("bbb_gaussian", "gaussian"), ("bbb_mixture", "mixture")):
+        t0 = time.perf_counter()
+        runs[method] = []
+        for seed in cfg["seeds"]:
+            r = run_bbb(kind, seed, x, y, grid, mask, hmc_idata, cfg)
+            runs[method].append(r)
+            log(f"{method} seed {seed}: train RMSE {r['train_rmse']:.4f}, std ratio in {r['std_ratio_in_median']:.3f}, "
+                f"out {r['std_ratio_out_median']:.3f} ({r['seconds']:.0f} s)")
+        seconds[method] = time.perf_counter() - t0
+    return runs, seconds
+
+
+def fit_plain_seeds(x, y, grid, cfg, log) -> tuple[list, np.ndarray, float]:
+    """The plain networks over all seeds, logged: (train RMSE per seed, predictions on the grid, seconds)."""
+    t0 = time.perf_counter()
+    plain_runs, plain_lines = [], []
+    for seed in cfg["seeds"]:
+        net = train_plain(x, y, cfg["hidden"], epochs=cfg["plain_epochs"], lr=cfg["plain_lr"], seed=seed)
+        with torch.no_grad():
+            plain_lines.append(net(grid).squeeze(-1).double().numpy())
+            plain_runs.append({"train_rmse": rmse(net(x).squeeze(-1), y)})
+    seconds = time.perf_counter() - t0
+    plain_lines = np.stack(plain_lines)
+    log(f"plain: train RMSE {np.mean([r['train_rmse'] for r in plain_runs]):.4f} ({seconds:.0f} s)")
+    return plain_runs, plain_lines, seconds
+
+
+BBB_KEYS = ("train_rmse", "std_in_median", "std_out_median", "std_ratio_in_median", "std_ratio_in_worst",
+            "std_ratio_out_median", "std_ratio_out_worst", "smd_out_median", "coverage_90_in_median",
+            "coverage_90_out_median", "w1_out_median", "final_elbo", "seconds")
+
+
+def summarize_bbb(runs) -> dict:
+    """Per BBB method: each number's mean, standard error and per-seed values."""
+    methods = {}
+    for method in ("bbb_gaussian", "bbb_mixture"):
+        m = {"label": METHOD_LABELS[method], "n_seeds": len(runs[method])}
+        for k in BBB_KEYS:
+            vals = [r[k] for r in runs[method]]
+            m[k], m[f"{k}_se"] = cls.mean_se(vals)
+            m[f"{k}_per_seed"] = [float(v) for v in vals]
+        methods[method] = m
+    return methods
+
+
+def summarize_plain(plain_runs, plain_lines, xg, hmc_std, mask, seconds) -> dict:
+    """The plain networks' numbers: train RMSE, zero spread, and their spread across seeds."""
+    # A point estimate has no predictive spread: its std is 0 everywhere, so are the ratios.
+    plain_rmse = [r["train_rmse"] for r in plain_runs]
+    seed_spread = plain_lines.std(0, ddof=1) if len(plain_lines) > 1 else np.zeros_like(xg)
+    return {
+        "label": METHOD_LABELS["plain"], "n_seeds": len(plain_rmse),
+        "train_rmse": cls.mean_se(plain_rmse)[0], "train_rmse_se": cls.mean_se(plain_rmse)[1],
+        "train_rmse_per_seed": plain_rmse,
+        "std_in_median": 0.0, "std_out_median": 0.0,
+        "std_ratio_in_median": 0.0, "std_ratio_in_worst": 0.0,
+        "std_ratio_out_median": 0.0, "std_ratio_out_worst": 0.0,
+        # not a posterior: the spread of the independently trained networks across seeds
+        "seed_spread_std_in_median": float(np.median(seed_spread[mask])),
+        "seed_spread_std_out_median": float(np.median(seed_spread[~mask])),
+        "seed_spread_ratio_in_median": float(np.median(seed_spread[mask] / hmc_std[mask])),
+        "seed_spread_ratio_out_median": float(np.median(seed_spread[~mask] / hmc_std[~mask])),
+        "seconds": seconds,
+    }
+
+
+def summarize_hmc(hmc_rmse, hmc_std, mask, seconds) -> dict:
+    """The HMC reference's numbers: train RMSE, its own spread, ratios of 1."""
+    return {
+        "label": METHOD_LABELS["hmc"], "n_seeds": 1, "train_rmse": hmc_rmse,
+        "std_in_median": float(np.median(hmc_std[mask])), "std_out_median": float(np.median(hmc_std[~mask])),
+        "std_ratio_in_median": 1.0, "std_ratio_in_worst": 1.0,
+        "std_ratio_out_median": 1.0, "std_ratio_out_worst": 1.0, "seconds": seconds,
+    }
+
+
+def split_rhat_per_x(diag, mask) -> np.ndarray:
+    """R-hat per grid point, popped from ``diag``, whose max in and outside the data it adds."""
+    rhat_per_x = diag.pop("rhat_f_per_x")
+    diag["max_rhat_f_in_data"] = float(np.nanmax(rhat_per_x[mask]))
+    diag["max_rhat_f_outside"] = float(np.nanmax(rhat_per_x[~mask]))
+    return rhat_per_x
+
+
+def setup_summary(cfg, mask) -> dict:
+    """The JSON's "setup": data, model, grid, seeds and every method's settings."""
+    return {
+        "n_train": cfg["n_train"], "data_seed": DATA_SEED, "data_range": list(DATA_RANGE),
+        "noise_of_data": 0.02, "model_noise": NOISE, "network": f"1-{cfg['hidden']}-1 ReLU",
+        "grid": [*GRID_RANGE, cfg["grid"]], "grid_in_data": int(mask.sum()),
+        "grid_outside": int((~mask).sum()), "seeds": list(cfg["seeds"]),
+        "bbb": {k: cfg[k] for k in ("epochs", "lr", "particles", "vi_samples")},
+        "plain": {"epochs": cfg["plain_epochs"], "lr": cfg["plain_lr"]},
+        "hmc": dict(cfg["hmc"]), "gaussian_prior": GAUSSIAN_PRIOR, "mixture_prior": MIXTURE_PRIOR,
+    }
+
+
+def per_x_arrays(xg, mask, hmc_std, rhat_per_x, runs, plain_lines) -> dict:
+    """The JSON's "per_x": per grid point, HMC's std and R-hat, BBB's std and ratio per seed, plain f."""
+    return {
+        "x": xg.tolist(), "in_data": mask.tolist(), "hmc_std": hmc_std.tolist(),
+        "hmc_rhat": rhat_per_x.tolist(),
+        **{f"{m}_std": [r["_std"].tolist() for r in runs[m]] for m in ("bbb_gaussian", "bbb_mixture")},
+        **{f"{m}_std_ratio": [r["_std_ratio"].tolist() for r in runs[m]]
+           for m in ("bbb_gaussian", "bbb_mixture")},
+        "plain_f": plain_lines.tolist(),
+    }
+
+
+def write_figures(out: Path, x, y, xg, runs, plain_lines, hmc_q, hmc_std, mask, cfg) -> None:
+    """Writes the two figures (bands per method; std and std ratio against x); returns nothing."""
+    bands = {
+        "bbb_gaussian": runs["bbb_gaussian"][0]["_q"],
+        "bbb_mixture": runs["bbb_mixture"][0]["_q"],
+        "plain": np.stack([plain_lines[0]] * 3),
+        "hmc": hmc_q,
+    }
+    plot_bands(x, y, xg, bands, plain_lines, out / "regression_curve.png", cfg)
+    plot_std_ratio(xg, runs, hmc_std, mask, x, out / "regression_curve_std_ratio.png")
+
+
+def main(argv=None) -> dict:
+    """Runs the study and writes its JSON, figures and report; returns the result written to the JSON."""
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     mode = "quick" if args.quick else "full"
     cfg = CONFIGS[mode]
@@ -192,108 +332,31 @@ def main(argv=None) -> dict:
     mask = in_data_mask(grid)
     xg = grid[:, 0].double().numpy()
 
-    t0 = time.perf_counter()
-    hmc_idata, hmc_f, hmc_rmse, diag = run_hmc_reference(x, y, grid, cfg)
-    hmc_seconds = time.perf_counter() - t0
-    log(f"HMC: {diag['num_chains']} chains x ({diag['warmup_steps']} + {diag['num_samples']}), "
-        f"max R-hat f {diag['max_rhat_f']:.3f}, min ESS {diag['min_ess_bulk_f']:.0f} ({hmc_seconds:.0f} s)")
+    hmc_idata, hmc_f, hmc_rmse, diag, hmc_seconds = timed_hmc_reference(x, y, grid, cfg, log)
     hmc_std = hmc_f.std(0, ddof=1)
     hmc_q = np.quantile(hmc_f, [0.25, 0.5, 0.75], axis=0)
+    runs, bbb_seconds = fit_bbb_seeds(x, y, grid, mask, hmc_idata, cfg, log)
+    runs["plain"], plain_lines, plain_seconds = fit_plain_seeds(x, y, grid, cfg, log)
+    seconds = {"hmc": hmc_seconds, **bbb_seconds, "plain": plain_seconds}
 
-    runs = {"bbb_gaussian": [], "bbb_mixture": [], "plain": []}
-    seconds = {"hmc": hmc_seconds}
-    for method, kind in (("bbb_gaussian", "gaussian"), ("bbb_mixture", "mixture")):
-        t0 = time.perf_counter()
-        for seed in cfg["seeds"]:
-            r = run_bbb(kind, seed, x, y, grid, mask, hmc_idata, cfg)
-            runs[method].append(r)
-            log(f"{method} seed {seed}: train RMSE {r['train_rmse']:.4f}, std ratio in {r['std_ratio_in_median']:.3f}, "
-                f"out {r['std_ratio_out_median']:.3f} ({r['seconds']:.0f} s)")
-        seconds[method] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    plain_lines = []
-    for seed in cfg["seeds"]:
-        net = train_plain(x, y, cfg["hidden"], epochs=cfg["plain_epochs"], lr=cfg["plain_lr"], seed=seed)
-        with torch.no_grad():
-            plain_lines.append(net(grid).squeeze(-1).double().numpy())
-            runs["plain"].append({"train_rmse": rmse(net(x).squeeze(-1), y)})
-    seconds["plain"] = time.perf_counter() - t0
-    plain_lines = np.stack(plain_lines)
-    log(f"plain: train RMSE {np.mean([r['train_rmse'] for r in runs['plain']]):.4f} ({seconds['plain']:.0f} s)")
-
-    # -- numbers -------------------------------------------------------------------------------
-    keys = ("train_rmse", "std_in_median", "std_out_median", "std_ratio_in_median", "std_ratio_in_worst",
-            "std_ratio_out_median", "std_ratio_out_worst", "smd_out_median", "coverage_90_in_median",
-            "coverage_90_out_median", "w1_out_median", "final_elbo", "seconds")
-    methods = {}
-    for method in ("bbb_gaussian", "bbb_mixture"):
-        m = {"label": METHOD_LABELS[method], "n_seeds": len(runs[method])}
-        for k in keys:
-            vals = [r[k] for r in runs[method]]
-            m[k], m[f"{k}_se"] = cls.mean_se(vals)
-            m[f"{k}_per_seed"] = [float(v) for v in vals]
-        methods[method] = m
-    # A point estimate has no predictive spread: its std is 0 everywhere, so are the ratios.
-    plain_rmse = [r["train_rmse"] for r in runs["plain"]]
-    seed_spread = plain_lines.std(0, ddof=1) if len(plain_lines) > 1 else np.zeros_like(xg)
-    methods["plain"] = {
-        "label": METHOD_LABELS["plain"], "n_seeds": len(plain_rmse),
-        "train_rmse": cls.mean_se(plain_rmse)[0], "train_rmse_se": cls.mean_se(plain_rmse)[1],
-        "train_rmse_per_seed": plain_rmse,
-        "std_in_median": 0.0, "std_out_median": 0.0,
-        "std_ratio_in_median": 0.0, "std_ratio_in_worst": 0.0,
-        "std_ratio_out_median": 0.0, "std_ratio_out_worst": 0.0,
-        # not a posterior: the spread of the independently trained networks across seeds
-        "seed_spread_std_in_median": float(np.median(seed_spread[mask])),
-        "seed_spread_std_out_median": float(np.median(seed_spread[~mask])),
-        "seed_spread_ratio_in_median": float(np.median(seed_spread[mask] / hmc_std[mask])),
-        "seed_spread_ratio_out_median": float(np.median(seed_spread[~mask] / hmc_std[~mask])),
-        "seconds": seconds["plain"],
+    methods = {
+        **summarize_bbb(runs),
+        "plain": summarize_plain(runs["plain"], plain_lines, xg, hmc_std, mask, plain_seconds),
+        "hmc": summarize_hmc(hmc_rmse, hmc_std, mask, hmc_seconds),
     }
-    methods["hmc"] = {
-        "label": METHOD_LABELS["hmc"], "n_seeds": 1, "train_rmse": hmc_rmse,
-        "std_in_median": float(np.median(hmc_std[mask])), "std_out_median": float(np.median(hmc_std[~mask])),
-        "std_ratio_in_median": 1.0, "std_ratio_in_worst": 1.0,
-        "std_ratio_out_median": 1.0, "std_ratio_out_worst": 1.0, "seconds": hmc_seconds,
-    }
-    rhat_per_x = diag.pop("rhat_f_per_x")
-    diag["max_rhat_f_in_data"] = float(np.nanmax(rhat_per_x[mask]))
-    diag["max_rhat_f_outside"] = float(np.nanmax(rhat_per_x[~mask]))
+    rhat_per_x = split_rhat_per_x(diag, mask)
     total = time.perf_counter() - start
     result = {
         "mode": mode,
         "methods": methods,
         "hmc_diagnostics": diag,
-        "setup": {
-            "n_train": cfg["n_train"], "data_seed": DATA_SEED, "data_range": list(DATA_RANGE),
-            "noise_of_data": 0.02, "model_noise": NOISE, "network": f"1-{cfg['hidden']}-1 ReLU",
-            "grid": [*GRID_RANGE, cfg["grid"]], "grid_in_data": int(mask.sum()),
-            "grid_outside": int((~mask).sum()), "seeds": list(cfg["seeds"]),
-            "bbb": {k: cfg[k] for k in ("epochs", "lr", "particles", "vi_samples")},
-            "plain": {"epochs": cfg["plain_epochs"], "lr": cfg["plain_lr"]},
-            "hmc": dict(cfg["hmc"]), "gaussian_prior": GAUSSIAN_PRIOR, "mixture_prior": MIXTURE_PRIOR,
-        },
-        "per_x": {
-            "x": xg.tolist(), "in_data": mask.tolist(), "hmc_std": hmc_std.tolist(),
-            "hmc_rhat": rhat_per_x.tolist(),
-            **{f"{m}_std": [r["_std"].tolist() for r in runs[m]] for m in ("bbb_gaussian", "bbb_mixture")},
-            **{f"{m}_std_ratio": [r["_std_ratio"].tolist() for r in runs[m]]
-               for m in ("bbb_gaussian", "bbb_mixture")},
-            "plain_f": plain_lines.tolist(),
-        },
+        "setup": setup_summary(cfg, mask),
+        "per_x": per_x_arrays(xg, mask, hmc_std, rhat_per_x, runs, plain_lines),
         "seconds": {**seconds, "total": total},
         "versions": cls.versions(),
     }
 
-    # -- figures and report ---------------------------------------------------------------------
-    bands = {
-        "bbb_gaussian": runs["bbb_gaussian"][0]["_q"],
-        "bbb_mixture": runs["bbb_mixture"][0]["_q"],
-        "plain": np.stack([plain_lines[0]] * 3),
-        "hmc": hmc_q,
-    }
-    plot_bands(x, y, xg, bands, plain_lines, args.out / "regression_curve.png", cfg)
-    plot_std_ratio(xg, runs, hmc_std, mask, x, args.out / "regression_curve_std_ratio.png")
+    write_figures(args.out, x, y, xg, runs, plain_lines, hmc_q, hmc_std, mask, cfg)
     result["seconds"]["total"] = time.perf_counter() - start
     (args.out / "regression_curve.json").write_text(json.dumps(result, indent=2, default=_json) + "\n")
     write_report(args.out / "regression_curve.md", result, cfg, mode)
@@ -398,8 +461,8 @@ def _pm(m, key, fmt="{:.3f}"):
     return fmt.format(m[key]) + ("" if se is None else " +- " + fmt.format(se))
 
 
-def write_report(path, r, cfg, mode):
-    ms = r["methods"]
+def spread_table(ms) -> str:
+    """The markdown table of train RMSE, predictive std and std ratios per method."""
     rows = []
     for method in METHODS:
         m = ms[method]
@@ -409,13 +472,15 @@ def write_report(path, r, cfg, mode):
             _pm(m, "std_ratio_out_median"), _pm(m, "std_ratio_out_worst"),
             _pm(m, "coverage_90_out_median", "{:.2f}"),
         ])
-    table = cls.write_markdown_table(rows, [
+    return cls.write_markdown_table(rows, [
         "method", "train RMSE", "median std of f in [0, 0.5]", "median std of f outside",
         "std ratio VI/HMC in, median", "in, worst", "outside, median", "outside, worst",
         "HMC draws inside VI's 90% interval, outside (median)",
     ])
-    d = r["hmc_diagnostics"]
-    s = r["setup"]
+
+
+def hmc_diagnostics_table(d) -> str:
+    """The markdown table of the HMC reference's settings and convergence diagnostics."""
     diag_rows = [[
         f"{d['num_chains']} x ({d['warmup_steps']} + {d['num_samples']})", f"{d['num_draws']}",
         f"{d['step_size']:.2g}", f"{d['trajectory_length']:.3g}",
@@ -425,14 +490,18 @@ def write_report(path, r, cfg, mode):
         f"{d['min_ess_bulk_f']:.0f} / {d['median_ess_bulk_f']:.0f}", f"{d['min_ess_tail_f']:.0f}",
         f"{d['divergences']}", f"{d['seconds']:.0f}",
     ]]
-    diag_table = cls.write_markdown_table(diag_rows, [
+    return cls.write_markdown_table(diag_rows, [
         "chains x (warmup + draws)", "draws", "step size", "trajectory length", "mean leapfrog steps",
         "mean acceptance", "max R-hat f(x*) (in data / outside)", "max nested R-hat",
         "bulk ESS min / median", "tail ESS min", "divergences", "seconds",
     ])
+
+
+def report_header(r, cfg, mode) -> list[str]:
+    """The report's title, command, run time and data lines."""
     sec = r["seconds"]
-    p = ms["plain"]
-    parts = [
+    s = r["setup"]
+    return [
         "# Regression curve: BBB, a plain network and HMC (Blundell et al. 2015, section 5.2, Figure 5)",
         "",
         f"Mode: **{mode}**. Command (from the repository root):",
@@ -450,6 +519,13 @@ def write_report(path, r, cfg, mode):
         f"{cfg['grid']} evenly spaced x in [-0.2, 1.2]: {s['grid_in_data']} of them in the training range "
         f"[0, 0.5], {s['grid_outside']} outside.",
         "",
+    ]
+
+
+def spread_section(r, cfg) -> list[str]:
+    """The report's "Predictive spread against HMC" section: table, plain networks' spread, figures."""
+    p = r["methods"]["plain"]
+    return [
         "## Predictive spread against HMC",
         "",
         f"BBB: mean +- standard error over {len(cfg['seeds'])} seeds (network init, weight noise); "
@@ -459,7 +535,7 @@ def write_report(path, r, cfg, mode):
         "A point estimate has no predictive spread: the plain network's std and ratios are 0 by "
         "construction.",
         "",
-        table,
+        spread_table(r["methods"]),
         "",
         "Both BBB models are read against one HMC reference, that of the **Gaussian** prior N(0, 1): "
         "for BBB with the Gaussian prior the ratio is a judgment of the inference alone; for the "
@@ -475,14 +551,26 @@ def write_report(path, r, cfg, mode):
         "",
         "![predictive std and std ratio against x](regression_curve_std_ratio.png)",
         "",
+    ]
+
+
+def convergence_section(r) -> list[str]:
+    """The report's "HMC reference convergence" section."""
+    return [
         "## HMC reference convergence",
         "",
         "`pyro_bbb.run_hmc` (ChEES-HMC, chains in lockstep, starting from prior draws in "
         "superchains), diagnostics read on f(x*) over the grid (R-hat rank-normalized split, "
         "nested R-hat over superchains, ESS; want R-hat <= 1.01, ESS >= 100):",
         "",
-        diag_table,
+        hmc_diagnostics_table(r["hmc_diagnostics"]),
         "",
+    ]
+
+
+def setup_section(cfg) -> list[str]:
+    """The report's "Setup" section: each method's settings and the seeds."""
+    return [
         "## Setup",
         "",
         f"- BBB: `BayesianRegressor(net, prior, noise={NOISE})` + `BBBGuide` (initial sigma "
@@ -500,6 +588,16 @@ def write_report(path, r, cfg, mode):
         "the predictive mean of f (plain: its prediction) against the noisy training targets, whose "
         "own noise (std of y - curve(x)) is about 0.058 for this draw, as eps also enters the sines.",
         "",
+    ]
+
+
+def write_report(path, r, cfg, mode):
+    """Writes the markdown report to ``path``; returns nothing."""
+    parts = [
+        *report_header(r, cfg, mode),
+        *spread_section(r, cfg),
+        *convergence_section(r),
+        *setup_section(cfg),
         *cls.report_footer(interpretation(r, mode), r["versions"]),
     ]
     path.write_text("\n".join(parts))
@@ -527,14 +625,10 @@ def _side_ratios(r, method) -> tuple[float, float]:
     return (float(np.median(ratios[:, xs < DATA_RANGE[0]])), float(np.median(ratios[:, xs > DATA_RANGE[1]])))
 
 
-def interpretation(r, mode) -> str:
-    if mode == "quick":
-        return ("Quick mode is a smoke test (short training, a short and unconverged HMC run): it checks "
-                "that every method runs and is scored, not the size of the effects. See the full run.")
-    ms, d = r["methods"], r["hmc_diagnostics"]
+def _claim_paragraph(ms) -> str:
+    """The paragraph on Figure 5's claim: BBB's band widens away from the data, the plain network's has none."""
     g, mx, p, h = ms["bbb_gaussian"], ms["bbb_mixture"], ms["plain"], ms["hmc"]
-    converged = d["max_rhat_f"] <= 1.01 and d["min_ess_bulk_f"] >= 100 and not d["divergences"]
-    text = [
+    return (
         "**Figure 5's claim holds qualitatively.** Both BBB models widen their band away from the "
         f"data: the median predictive std of f is {g['std_in_median']:.4f} in [0, 0.5] and "
         f"{g['std_out_median']:.3f} outside for the Gaussian prior "
@@ -544,26 +638,36 @@ def interpretation(r, mode) -> str:
         f"{mx['train_rmse']:.4f} for BBB, {h['train_rmse']:.4f} for HMC's predictive mean; the noise in "
         "the targets is about 0.058) and offers no spread at all, although its extrapolations differ "
         f"from seed to seed (median std across its {p['n_seeds']} seeds {p['seed_spread_std_out_median']:.3f} "
-        "outside the data), which a single network cannot report.",
-    ]
+        "outside the data), which a single network cannot report."
+    )
+
+
+def _reference_reading(d) -> str:
+    """The sentence on how far the HMC reference can be trusted (converged, close, or not converged)."""
+    converged = d["max_rhat_f"] <= 1.01 and d["min_ess_bulk_f"] >= 100 and not d["divergences"]
     if converged:
-        ref = (f"The HMC reference passes the usual checks (max R-hat on f(x*) {d['max_rhat_f']:.3f}, "
-               f"min bulk ESS {d['min_ess_bulk_f']:.0f}, no divergences), so its spread can be read as "
-               "this model's posterior.")
-    elif d["max_rhat_f"] > 1.05:
-        ref = (f"The HMC reference is **not converged** (max R-hat on f(x*) {d['max_rhat_f']:.3f}, min bulk "
-               f"ESS {d['min_ess_bulk_f']:.0f}): the ratios below are rough.")
-    else:
-        ref = (f"The HMC reference does not pass the strict checks everywhere (max R-hat on f(x*) "
-               f"{d['max_rhat_f']:.3f} over the grid: {d['max_rhat_f_in_data']:.3f} in the data and "
-               f"{d['max_rhat_f_outside']:.3f} outside, against the threshold 1.01; max nested R-hat "
-               f"{d['max_nested_rhat_f']:.3f}; min bulk ESS {d['min_ess_bulk_f']:.0f}; {d['divergences']} "
-               "divergences), but it is close: the chains disagree by little compared with the spread "
-               "they share, and the std ratios below, which differ from 1 by tens of percent, are not in "
-               "doubt; their second digit is.")
-    text.append(
-        ref + f" HMC's own band widens far more than BBB's: its median std is {h['std_in_median']:.4f} "
-        f"in the data and {h['std_out_median']:.3f} outside ({h['std_out_median'] / h['std_in_median']:.0f} "
+        return (f"The HMC reference passes the usual checks (max R-hat on f(x*) {d['max_rhat_f']:.3f}, "
+                f"min bulk ESS {d['min_ess_bulk_f']:.0f}, no divergences), so its spread can be read as "
+                "this model's posterior.")
+    if d["max_rhat_f"] > 1.05:
+        return (f"The HMC reference is **not converged** (max R-hat on f(x*) {d['max_rhat_f']:.3f}, min bulk "
+                f"ESS {d['min_ess_bulk_f']:.0f}): the ratios below are rough.")
+    return (f"The HMC reference does not pass the strict checks everywhere (max R-hat on f(x*) "
+            f"{d['max_rhat_f']:.3f} over the grid: {d['max_rhat_f_in_data']:.3f} in the data and "
+            f"{d['max_rhat_f_outside']:.3f} outside, against the threshold 1.01; max nested R-hat "
+            f"{d['max_nested_rhat_f']:.3f}; min bulk ESS {d['min_ess_bulk_f']:.0f}; {d['divergences']} "
+            "divergences), but it is close: the chains disagree by little compared with the spread "
+            "they share, and the std ratios below, which differ from 1 by tens of percent, are not in "
+            "doubt; their second digit is.")
+
+
+def _against_hmc_paragraph(ms, d) -> str:
+    """The paragraph reading BBB's std ratios against the HMC reference, after the reference's reading."""
+    g, mx, h = ms["bbb_gaussian"], ms["bbb_mixture"], ms["hmc"]
+    return (
+        _reference_reading(d) + f" HMC's own band widens far more than BBB's: its median std is "
+        f"{h['std_in_median']:.4f} in the data and {h['std_out_median']:.3f} outside "
+        f"({h['std_out_median'] / h['std_in_median']:.0f} "
         f"times). Against it, BBB's band with the same Gaussian prior is {_confidence(g['std_ratio_in_median'])} "
         f"in the data (std ratio {g['std_ratio_in_median']:.2f} +- {g['std_ratio_in_median_se']:.2f}, "
         f"median over grid points and mean +- SE over seeds; worst {g['std_ratio_in_worst']:.2f}) and "
@@ -575,21 +679,29 @@ def interpretation(r, mode) -> str:
         f"{mx['std_ratio_out_median']:.2f} +- {mx['std_ratio_out_median_se']:.2f} outside, against the "
         "Gaussian-prior reference (so partly a difference of models)."
     )
-    if g["std_ratio_in_median"] > 1.1:
-        text.append(
-            "That BBB is *wider* than HMC inside the data is not the usual picture of mean-field VI "
-            "(over-confident everywhere). Two likely reasons: q has independent weights, "
-            "so it cannot express the strong correlations (between each unit's weight and bias, and "
-            "between units) that let the exact posterior pin f down tightly near the data; "
-            "independent weight noise always leaves a floor of spread in f. And BBB's in-data spread was "
-            "still shrinking late in training: in an exploratory run (seed 0, not part of this "
-            "script) the std of f at x = 0.25 went from 0.037 after 750 epochs to 0.025 after 2250 and "
-            f"0.023 after 3000 (HMC here: {_at(r, 'hmc_std', 0.25):.3f}). Mean-field BBB is therefore "
-            "miscalibrated in both directions: too wide in the data, too narrow away from it."
-        )
+
+
+def _wider_in_data_paragraph(r) -> str:
+    """The paragraph on why BBB can be wider than HMC inside the data."""
+    return (
+        "That BBB is *wider* than HMC inside the data is not the usual picture of mean-field VI "
+        "(over-confident everywhere). Two likely reasons: q has independent weights, "
+        "so it cannot express the strong correlations (between each unit's weight and bias, and "
+        "between units) that let the exact posterior pin f down tightly near the data; "
+        "independent weight noise always leaves a floor of spread in f. And BBB's in-data spread was "
+        "still shrinking late in training: in an exploratory run (seed 0, not part of this "
+        "script) the std of f at x = 0.25 went from 0.037 after 750 epochs to 0.025 after 2250 and "
+        f"0.023 after 3000 (HMC here: {_at(r, 'hmc_std', 0.25):.3f}). Mean-field BBB is therefore "
+        "miscalibrated in both directions: too wide in the data, too narrow away from it."
+    )
+
+
+def _not_uniform_paragraph(r) -> str:
+    """The paragraph on how the shortfall varies with the side of the data and with the seed."""
+    g, p = r["methods"]["bbb_gaussian"], r["methods"]["plain"]
     per_seed = g["std_ratio_out_median_per_seed"]
     left, right = _side_ratios(r, "bbb_gaussian")
-    text.append(
+    return (
         "The shortfall is not uniform (second figure): left of the data (x < 0) BBB's std is "
         f"{left:.2f} of HMC's (median over grid points and seeds), right of it (x > 0.5), where the "
         f"grid extends further, {right:.2f}. It also depends on the seed: the outside median ratio "
@@ -599,7 +711,12 @@ def interpretation(r, mode) -> str:
         f"{p['seed_spread_ratio_out_median']:.2f} times HMC's std outside the data and "
         f"{p['seed_spread_ratio_in_median']:.2f} times inside it."
     )
-    text.append(
+
+
+def _versus_paper_paragraph(r) -> str:
+    """The paragraph on where this study differs from the paper's Figure 5."""
+    d = r["hmc_diagnostics"]
+    return (
         "Where this differs from the paper: Figure 5 sets BBB's band against a plain network only and "
         "calls it sensible; it has no ground truth. Measured against HMC on the same model, the band has "
         "the right shape (it grows away from the data) but not the right size. The paper does not give "
@@ -615,6 +732,19 @@ def interpretation(r, mode) -> str:
         "that puts the ReLU kinks near the data (see `make_net`): from PyTorch's default init, Adam "
         "stays at a nearly straight line on this curve."
     )
+
+
+def interpretation(r, mode) -> str:
+    """The report's interpretation: a smoke-test note in quick mode, else its paragraphs."""
+    if mode == "quick":
+        return ("Quick mode is a smoke test (short training, a short and unconverged HMC run): it checks "
+                "that every method runs and is scored, not the size of the effects. See the full run.")
+    ms = r["methods"]
+    text = [_claim_paragraph(ms), _against_hmc_paragraph(ms, r["hmc_diagnostics"])]
+    if ms["bbb_gaussian"]["std_ratio_in_median"] > 1.1:
+        text.append(_wider_in_data_paragraph(r))
+    text.append(_not_uniform_paragraph(r))
+    text.append(_versus_paper_paragraph(r))
     return "\n\n".join(text)
 
 

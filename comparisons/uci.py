@@ -639,16 +639,12 @@ def hmc_interpretation(cache, datasets, hmc_splits) -> str:
     return " ".join(text)
 
 
-def interpretation(summary, targets, cache, datasets, hmc_splits, mode, num_chains, epochs_note="") -> str:
-    if mode == "quick":
-        return ("Quick mode is a smoke test (two data sets, two splits, a few hundred BBB steps, "
-                "a few dozen HMC iterations): it checks that training, sampling, scoring and the "
-                "report run, not how good the methods are. See the full run.")
-    text = []
+def target_paragraph(targets) -> str:
+    """The interpretation's verdict on the target: beats VI everywhere, within one SE of PBP on 3."""
     n_vi = sum(t["beats_vi"] for t in targets.values())
     n_pbp = sum(t["within_pbp"] for t in targets.values())
     verdict = "met" if n_vi == len(targets) and n_pbp >= 3 else "not met"
-    text.append(
+    return (
         f"**Target ({verdict}).** The better of BBB's two priors beats the published VI row on both "
         f"RMSE and LL on {n_vi} of {len(targets)} data sets "
         f"({', '.join(n for n, t in targets.items() if t['beats_vi']) or 'none'}), and is within one "
@@ -656,6 +652,10 @@ def interpretation(summary, targets, cache, datasets, hmc_splits, mode, num_chai
         f"({', '.join(n for n, t in targets.items() if t['within_pbp']) or 'none'}); the target asks "
         f"for all {len(targets)} and at least 3."
     )
+
+
+def per_dataset_paragraph(summary, targets) -> str:
+    """The interpretation's per-data-set line: both priors' RMSE / LL and the better BBB against MC dropout."""
     per = []
     for name, t in targets.items():
         res = summary[name]
@@ -669,27 +669,38 @@ def interpretation(summary, targets, cache, datasets, hmc_splits, mode, num_chai
             f"the better BBB is {'better' if best['rmse_mean'] < drop_r else 'worse'} on RMSE and "
             f"{'better' if best['ll_mean'] > drop_l else 'worse'} on LL"
         )
-    text.append("Per data set (RMSE / LL): " + "; ".join(per) + ".")
-    hmc_text = hmc_interpretation(cache, datasets, hmc_splits)
-    if hmc_text:
-        text.append(hmc_text)
-    better = lambda r, rmse, ll: (r["rmse_mean"] < rmse, r["ll_mean"] > ll)  # noqa: E731
-    beat_drop = [n for n, t in targets.items()
-                 if all(better(summary[n][t["best"]], PUBLISHED[n]["dropout"][0][0],
-                               PUBLISHED[n]["dropout"][1][0]))]
+    return "Per data set (RMSE / LL): " + "; ".join(per) + "."
+
+
+def _better(r, rmse, ll) -> tuple[bool, bool]:
+    """Whether a result's mean RMSE is below ``rmse`` and its mean LL above ``ll``."""
+    return (r["rmse_mean"] < rmse, r["ll_mean"] > ll)
+
+
+def versus_dropout_10x(summary, targets) -> list[str]:
+    """Per data set with a 10x-epochs dropout rerun: its RMSE / LL against the better BBB's."""
     vs10 = []
     for n, t in targets.items():
         if n in DROPOUT_10X:
             r = summary[n][t["best"]]
-            b_rmse, b_ll = better(r, *DROPOUT_10X[n])
+            b_rmse, b_ll = _better(r, *DROPOUT_10X[n])
             vs10.append(f"{n} {DROPOUT_10X[n][0]} / {DROPOUT_10X[n][1]} (BBB {r['rmse_mean']:.3g} / "
                         f"{r['ll_mean']:.3g}: {'better' if b_rmse else 'worse'} RMSE, "
                         f"{'better' if b_ll else 'worse'} LL)")
+    return vs10
+
+
+def versus_published_paragraph(summary, targets) -> str:
+    """The interpretation's paragraph on where the results disagree with the published table."""
+    beat_drop = [n for n, t in targets.items()
+                 if all(_better(summary[n][t["best"]], PUBLISHED[n]["dropout"][0][0],
+                                PUBLISHED[n]["dropout"][1][0]))]
+    vs10 = versus_dropout_10x(summary, targets)
     mixture_best = [n for n, t in targets.items() if t["best"] == "bbb_mixture"]
     gauss_only = target_check(summary, candidates=("bbb_gaussian",))
     g_vi = sum(t["beats_vi"] for t in gauss_only.values())
     g_pbp = sum(t["within_pbp"] for t in gauss_only.values())
-    text.append(
+    return (
         "Where this disagrees with the published table: the better BBB beats not only VI but also "
         f"MC dropout's published row on both metrics on {len(beat_drop)} of {len(targets)} sets "
         f"({', '.join(beat_drop) or 'none'}), and PBP wherever the 'vs PBP' columns are negative. The "
@@ -705,7 +716,11 @@ def interpretation(summary, targets, cache, datasets, hmc_splits, mode, num_chai
         f"beats VI on both metrics on {g_vi} of {len(gauss_only)} sets and is within one SE of PBP on "
         f"both on {g_pbp}."
     )
-    text.append(
+
+
+def caveats_paragraph(epochs_note="") -> str:
+    """The interpretation's caveats against the published rows."""
+    return (
         "Caveats against the published rows: the VI row is Graves' (2011) method as run by "
         "Hernandez-Lobato & Adams (2015), with their training budget, not BBB as set up here; PBP "
         "learns its noise precision by moment matching, and MC dropout chose its dropout rate and "
@@ -715,12 +730,26 @@ def interpretation(summary, targets, cache, datasets, hmc_splits, mode, num_chai
         "sigma and mixture for all data sets), chosen on validation rows of yacht and bostonHousing "
         "only. Standard errors over splits are large relative to some differences (e.g. boston)."
     )
+
+
+def interpretation(summary, targets, cache, datasets, hmc_splits, mode, num_chains, epochs_note="") -> str:
+    """The report's interpretation: a smoke-test note in quick mode, else its paragraphs."""
+    if mode == "quick":
+        return ("Quick mode is a smoke test (two data sets, two splits, a few hundred BBB steps, "
+                "a few dozen HMC iterations): it checks that training, sampling, scoring and the "
+                "report run, not how good the methods are. See the full run.")
+    text = [target_paragraph(targets), per_dataset_paragraph(summary, targets)]
+    hmc_text = hmc_interpretation(cache, datasets, hmc_splits)
+    if hmc_text:
+        text.append(hmc_text)
+    text.append(versus_published_paragraph(summary, targets))
+    text.append(caveats_paragraph(epochs_note))
     return "\n\n".join(text)
 
 
-def write_report(path, summary, targets, cache, cfg, mode, total, hmc_splits, root, timings, splits_of):
-    b, h = cfg["bbb"], cfg["hmc"]
-    parts = [
+def report_header(mode, total, timings, root) -> list[str]:
+    """The report's title, command, run times and data folder."""
+    return [
         "# UCI regression: Bayes by Backprop and HMC against the published VI / PBP / dropout rows",
         "",
         f"Mode: **{mode}**. Command (from the repository root):",
@@ -733,6 +762,12 @@ def write_report(path, summary, targets, cache, cfg, mode, total, hmc_splits, ro
         f"start of the first result to the end of the last, across resumed runs: {timings['span'] / 60:.1f} min). "
         f"Data: `{root}`.",
         "",
+    ]
+
+
+def results_section(summary, cache, splits_of) -> list[str]:
+    """The report's "Results" section: the table against the published rows and the figure."""
+    return [
         "## Results",
         "",
         "Test RMSE and test log-likelihood (average log predictive density) in the original units "
@@ -749,6 +784,12 @@ def write_report(path, summary, targets, cache, cfg, mode, total, hmc_splits, ro
         "In the figure an HMC mean far off the scale of BBB and the published rows is written at the "
         "panel's edge instead of drawn (failed HMC runs, see 'What it shows').",
         "",
+    ]
+
+
+def target_section(targets, summary) -> list[str]:
+    """The report's "The target" section: its definition, the table and, where computed, the verdict."""
+    parts = [
         "## The target",
         "",
         "BBB (the better of its two priors per data set, by mean test LL) should beat the published "
@@ -770,25 +811,36 @@ def write_report(path, summary, targets, cache, cfg, mode, total, hmc_splits, ro
             f"{n_pbp}/{len(targets)} (at least 3 wanted). **Target {'met' if met else 'not met'}.**",
             "",
         ]
-    if any(cache.get(n, "hmc", s) for n in summary for s in hmc_splits):
-        parts += [
-            "## HMC reference and its convergence",
-            "",
-            hmc_setup(h, hmc_splits),
-            "",
-            hmc_table(cache, summary, hmc_splits),
-            "",
-            "Each split's verdict (max R-hat of f(x*) over the test inputs; **ok**: the reference "
-            "passed its check):",
-            "",
-            verdict_table(cache, summary, hmc_splits),
-            "",
-            "BBB and HMC on the same splits, those where the reference passed its check only:",
-            "",
-            paired_table(cache, summary, hmc_splits),
-            "",
-        ]
-    parts += [
+    return parts
+
+
+def hmc_section(cache, summary, h, hmc_splits) -> list[str]:
+    """The report's "HMC reference and its convergence" section; empty without any HMC result."""
+    if not any(cache.get(n, "hmc", s) for n in summary for s in hmc_splits):
+        return []
+    return [
+        "## HMC reference and its convergence",
+        "",
+        hmc_setup(h, hmc_splits),
+        "",
+        hmc_table(cache, summary, hmc_splits),
+        "",
+        "Each split's verdict (max R-hat of f(x*) over the test inputs; **ok**: the reference "
+        "passed its check):",
+        "",
+        verdict_table(cache, summary, hmc_splits),
+        "",
+        "BBB and HMC on the same splits, those where the reference passed its check only:",
+        "",
+        paired_table(cache, summary, hmc_splits),
+        "",
+    ]
+
+
+def setup_section(cfg) -> list[str]:
+    """The report's "Setup" section: data, network, BBB's settings and how they were chosen, seeds."""
+    b = cfg["bbb"]
+    return [
         "## Setup",
         "",
         f"- Data: the published splits (`pyro_bbb.datasets.load_uci`), inputs and target standardized "
@@ -812,6 +864,18 @@ def write_report(path, summary, targets, cache, cfg, mode, total, hmc_splits, ro
         "`uci_tuning.md`. Nothing was chosen on test data, and nothing per data set or per split.",
         f"- Seeds: split k uses seed k (network init, weight noise, predictive draws, HMC's chains).",
         "",
+    ]
+
+
+def write_report(path, summary, targets, cache, cfg, mode, total, hmc_splits, root, timings, splits_of):
+    """Writes the markdown report to ``path``; returns nothing."""
+    h = cfg["hmc"]
+    parts = [
+        *report_header(mode, total, timings, root),
+        *results_section(summary, cache, splits_of),
+        *target_section(targets, summary),
+        *hmc_section(cache, summary, h, hmc_splits),
+        *setup_section(cfg),
         *cls.report_footer(interpretation(summary, targets, cache, list(summary), hmc_splits, mode, h["num_chains"],
                        reference_epochs(root, summary))),
     ]

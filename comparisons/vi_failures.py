@@ -314,29 +314,26 @@ def _flat_weights(draws: dict) -> np.ndarray:
     return np.concatenate([w, b], 1)
 
 
-def problem_logistic(cfg, seed):
-    data = bbb.datasets.load_sklearn("breast_cancer", seed=seed)
-    torch.manual_seed(seed)
-    model = bbb.BayesianClassifier(nn.Linear(30, 1), prior=dist.Normal(0.0, PRIOR_SCALE))
-    xtr, ytr, xte, yte = data.x_train, data.y_train, data.x_test, data.y_test
-    in_data = np.ones(xte.shape[0], bool)  # 30-D: every test point is "in the data"
-    guide, ref, report, secs = run_problem(model, xtr, ytr, xte, cfg, seed, in_data, y_test=yte)
-    p = report.per_input
-    vi_id, hmc_id = report.vi, report.hmc
+def _logits(idata) -> np.ndarray:
+    """(draws, test points): the logit draws in an InferenceData's predictions."""
+    f = np.asarray(idata.predictions["f"].values, np.float64)
+    return f.reshape(-1, f.shape[-1])
 
-    # probabilities and logits per test point
-    def logits(idata):
-        f = np.asarray(idata.predictions["f"].values, np.float64)
-        return f.reshape(-1, f.shape[-1])
 
-    f_vi, f_hmc = logits(vi_id), logits(hmc_id)
+def logistic_function_space(p, vi_id, hmc_id) -> dict:
+    """Per test point: logit and probability std ratios, HMC's mean probability, uncertain or not, |mean difference|."""
+    f_vi, f_hmc = _logits(vi_id), _logits(hmc_id)
     logit_ratio = f_vi.std(0, ddof=1) / f_hmc.std(0, ddof=1)
     prob_ratio = p.std_ratio.to_numpy()
     hmc_p = p.hmc_mean.to_numpy()
     uncertain = (hmc_p > UNCERTAIN[0]) & (hmc_p < UNCERTAIN[1])
     abs_diff = np.abs(p.vi_mean.to_numpy() - hmc_p)
+    return {"logit_ratio": logit_ratio, "prob_ratio": prob_ratio, "hmc_p": hmc_p, "uncertain": uncertain,
+            "abs_diff": abs_diff}
 
-    # weight space: VI against HMC marginals, and against what mean-field theory predicts
+
+def logistic_weight_space(vi_id, hmc_id, xte) -> dict:
+    """VI's and HMC's weights and stds, HMC's covariance and correlations, and mean-field theory's stds from them."""
     w_vi = _flat_weights({k: vi_id.posterior[k].values for k in ("weight", "bias")})
     w_hmc = _flat_weights({k: hmc_id.posterior[k].values for k in ("weight", "bias")})
     cov = np.cov(w_hmc, rowvar=False)
@@ -352,7 +349,18 @@ def problem_logistic(cfg, seed):
     logit_sd_full = np.sqrt(np.einsum("ni,ij,nj->n", xt1, cov, xt1))
     eig = np.linalg.eigvalsh(corr)
     w_ratio = sd_vi / sd_hmc
-    headline = {
+    return {"w_vi": w_vi, "w_hmc": w_hmc, "cov": cov, "sd_hmc": sd_hmc, "sd_vi": sd_vi, "corr": corr,
+            "off": off, "precision": precision, "sd_mf": sd_mf, "logit_sd_mf": logit_sd_mf,
+            "logit_sd_full": logit_sd_full, "eig": eig, "w_ratio": w_ratio}
+
+
+def logistic_headline(fs, ws, report, ref) -> dict:
+    """The logistic problem's headline: function and weight space against HMC and theory, test scores, diagnostics."""
+    prob_ratio, logit_ratio, uncertain, abs_diff = (fs[k] for k in ("prob_ratio", "logit_ratio", "uncertain",
+                                                                      "abs_diff"))
+    cov, precision, sd_vi, sd_mf, sd_hmc = (ws[k] for k in ("cov", "precision", "sd_vi", "sd_mf", "sd_hmc"))
+    w_ratio, off, eig = ws["w_ratio"], ws["off"], ws["eig"]
+    return {
         "prob_std_ratio_median": _med(prob_ratio),
         "prob_std_ratio_median_uncertain": _med(prob_ratio[uncertain]),
         "num_uncertain": int(uncertain.sum()),
@@ -369,7 +377,7 @@ def problem_logistic(cfg, seed):
         "meanfield_theory_std_ratio_median": _med(sd_mf / sd_hmc),
         "vi_over_meanfield_theory_median": _med(sd_vi / sd_mf),
         "corr_vi_std_with_theory": float(np.corrcoef(np.log(sd_vi), np.log(sd_mf))[0, 1]),
-        "meanfield_theory_logit_std_ratio_median": _med(logit_sd_mf / logit_sd_full),
+        "meanfield_theory_logit_std_ratio_median": _med(ws["logit_sd_mf"] / ws["logit_sd_full"]),
         # share of each coefficient's posterior variance explained by the others (1 - 1 / VIF)
         "hmc_multiple_r2_median": _med(1.0 - 1.0 / (np.diag(cov) * np.diag(precision))),
         "hmc_multiple_r2_range": [float(v) for v in np.sort(1.0 - 1.0 / (np.diag(cov) * np.diag(precision)))[[0, -1]]],
@@ -382,6 +390,22 @@ def problem_logistic(cfg, seed):
         "mlpd_hmc": report.get("mlpd", "test", "hmc"),
         **diagnostics(report, ref),
     }
+
+
+def problem_logistic(cfg, seed):
+    """Logistic regression on breast cancer, BBB against HMC; returns (the problem's result, the report)."""
+    data = bbb.datasets.load_sklearn("breast_cancer", seed=seed)
+    torch.manual_seed(seed)
+    model = bbb.BayesianClassifier(nn.Linear(30, 1), prior=dist.Normal(0.0, PRIOR_SCALE))
+    xtr, ytr, xte, yte = data.x_train, data.y_train, data.x_test, data.y_test
+    in_data = np.ones(xte.shape[0], bool)  # 30-D: every test point is "in the data"
+    guide, ref, report, secs = run_problem(model, xtr, ytr, xte, cfg, seed, in_data, y_test=yte)
+    p = report.per_input
+    vi_id, hmc_id = report.vi, report.hmc
+    fs = logistic_function_space(p, vi_id, hmc_id)  # probabilities and logits per test point
+    # weight space: VI against HMC marginals, and against what mean-field theory predicts
+    ws = logistic_weight_space(vi_id, hmc_id, xte)
+    headline = logistic_headline(fs, ws, report, ref)
     settings = {
         "data": f"load_sklearn('breast_cancer', seed={seed}): {xtr.shape[0]} train / {xte.shape[0]} test, "
                 "30 features standardized with training statistics",
@@ -389,17 +413,18 @@ def problem_logistic(cfg, seed):
         "prior": f"N(0, {PRIOR_SCALE}^2) on the 30 weights and the bias",
         **cfg,
     }
+    sd_vi, sd_hmc, sd_mf, w_vi, w_hmc = (ws[k] for k in ("sd_vi", "sd_hmc", "sd_mf", "w_vi", "w_hmc"))
     result = {
         "headline": headline, "settings": settings, "seconds": secs,
-        "per_test": {"hmc_mean_prob": hmp_list(hmc_p), "vi_mean_prob": hmp_list(p.vi_mean),
+        "per_test": {"hmc_mean_prob": hmp_list(fs["hmc_p"]), "vi_mean_prob": hmp_list(p.vi_mean),
                      "vi_prob_std": hmp_list(p.vi_std), "hmc_prob_std": hmp_list(p.hmc_std),
-                     "logit_std_ratio": hmp_list(logit_ratio),
-                     "meanfield_theory_logit_std": hmp_list(logit_sd_mf),
-                     "hmc_logit_std_gaussian": hmp_list(logit_sd_full)},
+                     "logit_std_ratio": hmp_list(fs["logit_ratio"]),
+                     "meanfield_theory_logit_std": hmp_list(ws["logit_sd_mf"]),
+                     "hmc_logit_std_gaussian": hmp_list(ws["logit_sd_full"])},
         "weights": {"label": [f"w[{i}]" for i in range(30)] + ["b"], "feature": list(data.feature_names) + ["bias"],
                     "vi_std": hmp_list(sd_vi), "hmc_std": hmp_list(sd_hmc), "meanfield_theory_std": hmp_list(sd_mf),
                     "vi_mean": hmp_list(w_vi.mean(0)), "hmc_mean": hmp_list(w_hmc.mean(0))},
-        "hmc_corr": corr.tolist(),
+        "hmc_corr": ws["corr"].tolist(),
     }
     return result, report
 
@@ -789,62 +814,70 @@ def _points_apart(h) -> str:
         f"{n} of {h['num_test']} test point{'s' if n > 1 else ''} apart"
 
 
-def interpretation(name, h, mode) -> str:
-    if mode == "quick":
-        return ("Smoke test only: the numbers show the pipeline runs end to end, with an unconverged "
-                "reference. " + _conv_sentence(h, detail=False))
-    conv = " " + _conv_sentence(h)
-    if name == "curve":
-        r_in, r_out = h["std_ratio_in"], h["std_ratio_out"]
-        text = (
-            f"Inside the data (x in [0, 0.5]) VI's posterior std of f is {_rel(r_in)} HMC's (median ratio "
-            f"{r_in:.2f}); away from the data it is {_rel(r_out)} HMC's (median ratio {r_out:.2f}; "
-            f"{h['std_ratio_at_ends'][0]:.2f} at x = -0.5 and {h['std_ratio_at_ends'][1]:.2f} at x = 1). "
-            f"Both methods widen their bands away from the data, VI's std by a factor "
-            f"{h['vi_std_out_over_in']:.1f} from inside to outside (medians) and HMC's by "
-            f"{h['hmc_std_out_over_in']:.1f}. Outside the data VI's 90% band holds the true curve at "
-            f"{100 * h['truth_coverage90_out_vi']:.0f}% of the test inputs, HMC's at "
-            f"{100 * h['truth_coverage90_out_hmc']:.0f}% (no model can know the curve there from these data; "
-            "a band that misses it claims knowledge the data do not give)."
-            + _half_sentence(h["std_ratio_out_by_chain_half"], "the median std ratio outside the data")
-            + " " + _khat_sentence(h)
-            + " For a BNN this is expected (q sits in one mode of a permutation-symmetric, multimodal "
-            "posterior) and says nothing by itself about the predictions, which is why the function-space "
-            "ratios are the primary view." + conv
-        )
-        return text
-    if name == "in_between":
-        vi_g, hmc_g = h["vi_gap_over_cluster"], h["hmc_gap_over_cluster"]
-        verdict = ("does not become more uncertain between the clusters than inside them"
-                   if vi_g < 1.5 else f"grows by a factor {vi_g:.1f} there, less than HMC's")
-        return (
-            f"HMC's posterior std of f in the middle of the gap is {hmc_g:.1f} times its std inside the "
-            f"clusters (medians); VI's is {vi_g:.2f} times: the mean-field posterior {verdict}. "
-            "This is the failure Foong et al. (2019) describe: for networks with one hidden layer they "
-            "prove that a factorized Gaussian q bounds the predictive variance on the segment between two "
-            "inputs by the variances at its ends, so no bump of uncertainty between the clusters is "
-            "possible, while HMC (and the exact posterior) have one. The VI / HMC std ratio is "
-            f"{h['std_ratio_cluster']:.2f} in the clusters and {h['std_ratio_gap']:.2f} in the gap. The "
-            "consequence is over-confidence exactly where the model has no data: the true sin(3x) lies "
-            f"inside VI's 90% band at {100 * h['truth_coverage90_gap_vi']:.0f}% of the gap inputs and "
-            f"inside HMC's at {100 * h['truth_coverage90_gap_hmc']:.0f}%, with median absolute errors of the "
-            f"mean {h['vi_abs_error_gap']:.2f} (VI) and {h['hmc_abs_error_gap']:.2f} (HMC)."
-            + _half_sentence(h["std_ratio_gap_by_chain_half"], "the median std ratio in the gap")
-            + " " + _khat_sentence(h) + conv
-        )
+def _curve_reading(h) -> str:
+    """The curve problem's reading: VI's std against HMC's in and away from the data, and k-hat."""
+    r_in, r_out = h["std_ratio_in"], h["std_ratio_out"]
+    return (
+        f"Inside the data (x in [0, 0.5]) VI's posterior std of f is {_rel(r_in)} HMC's (median ratio "
+        f"{r_in:.2f}); away from the data it is {_rel(r_out)} HMC's (median ratio {r_out:.2f}; "
+        f"{h['std_ratio_at_ends'][0]:.2f} at x = -0.5 and {h['std_ratio_at_ends'][1]:.2f} at x = 1). "
+        f"Both methods widen their bands away from the data, VI's std by a factor "
+        f"{h['vi_std_out_over_in']:.1f} from inside to outside (medians) and HMC's by "
+        f"{h['hmc_std_out_over_in']:.1f}. Outside the data VI's 90% band holds the true curve at "
+        f"{100 * h['truth_coverage90_out_vi']:.0f}% of the test inputs, HMC's at "
+        f"{100 * h['truth_coverage90_out_hmc']:.0f}% (no model can know the curve there from these data; "
+        "a band that misses it claims knowledge the data do not give)."
+        + _half_sentence(h["std_ratio_out_by_chain_half"], "the median std ratio outside the data")
+        + " " + _khat_sentence(h)
+        + " For a BNN this is expected (q sits in one mode of a permutation-symmetric, multimodal "
+        "posterior) and says nothing by itself about the predictions, which is why the function-space "
+        "ratios are the primary view."
+    )
+
+
+def _in_between_reading(h) -> str:
+    """The in-between problem's reading: whether VI's std grows in the gap as HMC's does, and k-hat."""
+    vi_g, hmc_g = h["vi_gap_over_cluster"], h["hmc_gap_over_cluster"]
+    verdict = ("does not become more uncertain between the clusters than inside them"
+               if vi_g < 1.5 else f"grows by a factor {vi_g:.1f} there, less than HMC's")
+    return (
+        f"HMC's posterior std of f in the middle of the gap is {hmc_g:.1f} times its std inside the "
+        f"clusters (medians); VI's is {vi_g:.2f} times: the mean-field posterior {verdict}. "
+        "This is the failure Foong et al. (2019) describe: for networks with one hidden layer they "
+        "prove that a factorized Gaussian q bounds the predictive variance on the segment between two "
+        "inputs by the variances at its ends, so no bump of uncertainty between the clusters is "
+        "possible, while HMC (and the exact posterior) have one. The VI / HMC std ratio is "
+        f"{h['std_ratio_cluster']:.2f} in the clusters and {h['std_ratio_gap']:.2f} in the gap. The "
+        "consequence is over-confidence exactly where the model has no data: the true sin(3x) lies "
+        f"inside VI's 90% band at {100 * h['truth_coverage90_gap_vi']:.0f}% of the gap inputs and "
+        f"inside HMC's at {100 * h['truth_coverage90_gap_hmc']:.0f}%, with median absolute errors of the "
+        f"mean {h['vi_abs_error_gap']:.2f} (VI) and {h['hmc_abs_error_gap']:.2f} (HMC)."
+        + _half_sentence(h["std_ratio_gap_by_chain_half"], "the median std ratio in the gap")
+        + " " + _khat_sentence(h)
+    )
+
+
+def _logistic_function_space_sentences(h) -> str:
+    """The logistic reading's sentences on the logit's std, VI against HMC and mean-field theory."""
     r_logit = h["logit_std_ratio_median"]
-    function_space = (
-        f"In function space the error goes the other way at the test points: the std of the logit is "
-        f"{r_logit:.2f} times HMC's (median; > 1 at {100 * h['share_test_logit_std_ratio_gt1']:.0f}% of "
-        "the test points), and the same Gaussian mean-field theory predicts "
-        f"{h['meanfield_theory_logit_std_ratio_median']:.2f}. Test points look like training points, and "
-        "along the directions that the data pin down the posterior's correlations make the terms of "
-        "x w cancel; a factorized q cannot cancel them, so it over-states the spread of the logit while "
-        "under-stating that of the weights. "
-        if r_logit > 1 else
+    if r_logit > 1:
+        return (
+            f"In function space the error goes the other way at the test points: the std of the logit is "
+            f"{r_logit:.2f} times HMC's (median; > 1 at {100 * h['share_test_logit_std_ratio_gt1']:.0f}% of "
+            "the test points), and the same Gaussian mean-field theory predicts "
+            f"{h['meanfield_theory_logit_std_ratio_median']:.2f}. Test points look like training points, and "
+            "along the directions that the data pin down the posterior's correlations make the terms of "
+            "x w cancel; a factorized q cannot cancel them, so it over-states the spread of the logit while "
+            "under-stating that of the weights. "
+        )
+    return (
         f"In function space the std of the logit is {r_logit:.2f} times HMC's (median; Gaussian mean-field "
         f"theory predicts {h['meanfield_theory_logit_std_ratio_median']:.2f}). "
     )
+
+
+def _logistic_reading(h) -> str:
+    """The logistic problem's reading: a correlated posterior, the mean field's stds, agreeing predictions, k-hat."""
     return (
         "Logistic regression on 30 standardized, strongly collinear features (radius, perimeter and area "
         "of the same cells...) has a correlated posterior even where the pairwise correlations are mild "
@@ -859,15 +892,28 @@ def interpretation(name, h, mode) -> str:
         f"computed from the HMC covariance this predicts a median ratio of "
         f"{h['meanfield_theory_std_ratio_median']:.2f}, and VI's stds sit at "
         f"{h['vi_over_meanfield_theory_median']:.2f} times that prediction (correlation of logs "
-        f"{h['corr_vi_std_with_theory']:.2f}). " + function_space +
+        f"{h['corr_vi_std_with_theory']:.2f}). " + _logistic_function_space_sentences(h) +
         f"The mean probabilities still agree closely (mean |difference| {h['prob_mean_abs_diff_mean']:.4f}, "
         f"max {h['prob_mean_abs_diff_max']:.3f}), as do test error ({100 * h['error_rate_vi']:.2f}% vs "
         f"{100 * h['error_rate_hmc']:.2f}%, {_points_apart(h)}) and mean log predictive density "
         f"({h['mlpd_vi']:.4f} vs {h['mlpd_hmc']:.4f}). " + _khat_sentence(h)
         + " Here the posterior is identifiable, unimodal and 31-dimensional: a large k-hat says plainly "
         "that a factorized Gaussian is a poor stand-in for a correlated posterior, even when its "
-        "predictive means are fine." + conv
+        "predictive means are fine."
     )
+
+
+def interpretation(name, h, mode) -> str:
+    """A problem's "What it shows": a quick-mode note, else its reading and the reference's convergence."""
+    if mode == "quick":
+        return ("Smoke test only: the numbers show the pipeline runs end to end, with an unconverged "
+                "reference. " + _conv_sentence(h, detail=False))
+    conv = " " + _conv_sentence(h)
+    if name == "curve":
+        return _curve_reading(h) + conv
+    if name == "in_between":
+        return _in_between_reading(h) + conv
+    return _logistic_reading(h) + conv
 
 
 if __name__ == "__main__":
