@@ -20,7 +20,7 @@ Every problem's result is cached in ``fidelity_cache_<mode>.json`` in the output
 soon as it is done, so an interrupted run resumes (a different configuration starts afresh).
 
     python comparisons/fidelity.py --quick   # CI: yacht split 0 + gap 0 + curve, 3 schemes
-    python comparisons/fidelity.py           # everything (hours on a CPU)
+    python comparisons/fidelity.py --workers 2   # everything (hours on a CPU)
     python comparisons/fidelity.py --datasets yacht,curve --splits 0,gap2
     python comparisons/fidelity.py --report-only   # the report of what the cache holds so far
 """
@@ -391,7 +391,7 @@ def write_report(out: Path, results, keys, cfg, mode, figures, wall, missing=())
     names = cfg["schemes"]
     lines = ["# Inference schemes against HMC", "",
              f"Mode: {mode}. Command: `{cls.command_line()}`. Wall time {wall:.0f} s "
-             "(cached problems count zero).", "",
+             "(cached problems count zero).", "", *(f"{note}\n" for note in cfg.get("notes", ())),
              f"Model: one hidden layer of {HIDDEN} tanh units, N(0, {PRIOR_SCALE:g}) priors on every weight "
              f"and bias, fixed noise {UCI_NOISE:g} on the standardized UCI targets ({CURVE_NOISE:g} on the "
              "curve); breast_cancer is logistic regression (no hidden layer). bbb-mixture uses a scale-mixture "
@@ -437,7 +437,12 @@ def parse(argv):
                                          "or 'gaps' for every gap split")
     parser.add_argument("--time-limit", type=float,
                         help="seconds for each reference, warmup included (default: 600 in full mode)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: the CPUs, at most 4)")
+    parser.add_argument("--threads", type=int,
+                        help="torch threads per worker (default: the CPUs over the workers, at most 4)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="problems run side by side in this many processes (default 1)")
+    parser.add_argument("--note", action="append", default=[],
+                        help="a line for the report, under its command (repeatable)")
     parser.add_argument("--report-only", action="store_true",
                         help="compute nothing: report the selected problems already in the cache "
                              "and list the others as not run")
@@ -457,26 +462,52 @@ def parse(argv):
     unknown = sorted(set(datasets) - set(ALL_DATASETS))
     if unknown:
         parser.error(f"--datasets: unknown {', '.join(unknown)} (choose among {', '.join(ALL_DATASETS)})")
-    if args.threads is not None and args.threads < 1:
-        parser.error("--threads must be at least 1")
+    if (args.threads is not None and args.threads < 1) or args.workers < 1:
+        parser.error("--threads and --workers must be at least 1")
     return args, cfg, datasets
 
 
-def compute(keys, cache, root, cfg, out: Path) -> None:
-    """Run every selected problem not yet in the cache, caching each as it ends."""
-    for i, key in enumerate(keys, 1):
-        if key in cache.results:
-            continue
-        print(f"[fidelity] {i}/{len(keys)} {key}", flush=True)
+def solve(key, root, cfg, out: Path, threads: int) -> tuple[str, dict]:
+    """One problem from its data to its cacheable result: the unit a worker does."""
+    torch.set_num_threads(threads)
+    r = run_problem(key, load_problem(key, root, cfg), cfg)
+    if key == "curve":
+        r["report"].plot(out / "fidelity_curve")
+    del r["report"]
+    return key, r
+
+
+def solved(todo, root, cfg, out: Path, workers: int, threads: int):
+    """Yield ``(key, result)`` as problems finish: in this process, or in ``workers``
+    processes (the caller caches each at once: an interruption loses only those in flight)."""
+    if workers <= 1:
+        for key in todo:
+            print(f"[fidelity] {key} ...", flush=True)
+            yield solve(key, root, cfg, out, threads)
+        return
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(solve, key, root, cfg, out, threads) for key in todo]
         try:
-            data = load_problem(key, root, cfg)
-        except DataMissing as err:
-            sys.exit(str(err))
-        r = run_problem(key, data, cfg)
-        if key == "curve":
-            r["report"].plot(out / "fidelity_curve")
-        del r["report"]
-        cache.put(key, r)
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def compute(keys, cache, root, cfg, out: Path, workers: int = 1, threads: int = 1) -> None:
+    """Run every selected problem not yet in the cache, caching each as it ends."""
+    todo = [k for k in keys if k not in cache.results]
+    print(f"[fidelity] {len(todo)} of {len(keys)} problems to run, {workers} worker(s)", flush=True)
+    try:
+        for n, (key, r) in enumerate(solved(todo, root, cfg, out, workers, threads), 1):
+            cache.put(key, r)
+            print(f"[fidelity] {n}/{len(todo)} done: {key}", flush=True)
+    except DataMissing as err:
+        sys.exit(str(err))
 
 
 def render(out: Path, results, keys, cfg, mode, wall, missing) -> dict:
@@ -496,7 +527,8 @@ def render(out: Path, results, keys, cfg, mode, wall, missing) -> dict:
 def main(argv=None) -> dict:
     args, cfg, datasets = parse(argv)
     mode = "quick" if args.quick else "full"
-    torch.set_num_threads(args.threads or max(1, min(4, os.cpu_count() or 1)))
+    threads = args.threads or max(1, min(4, (os.cpu_count() or 1) // args.workers))
+    torch.set_num_threads(threads)
     args.out.mkdir(parents=True, exist_ok=True)
     try:
         root = resolve_root(args.root) if set(datasets) & set(UCI_SETS) else None
@@ -508,12 +540,13 @@ def main(argv=None) -> dict:
     cache = Cache(args.out / f"fidelity_cache_{mode}.json", {**cfg, "root": str(root_path(args.root))})
     t0 = time.perf_counter()
     if not args.report_only:
-        compute(keys, cache, root, cfg, args.out)
+        compute(keys, cache, root, cfg, args.out, args.workers, threads)
     done = [k for k in keys if k in cache.results]
     if not done:
         sys.exit("fidelity.py: no selected problem is in the cache yet; run without --report-only")
     missing = [k for k in keys if k not in cache.results]
-    return render(args.out, cache.results, done, cfg, mode, time.perf_counter() - t0, missing)
+    return render(args.out, cache.results, done, {**cfg, "notes": args.note}, mode,
+                  time.perf_counter() - t0, missing)
 
 
 if __name__ == "__main__":

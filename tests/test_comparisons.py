@@ -293,7 +293,9 @@ FIDELITY_QUICK_SCHEMES = ("bbb", "ensemble", "dropout")
 def test_fidelity_quick(tmp_path):
     if not (UCI_ROOT / "yacht" / "data.txt").is_file():
         pytest.skip(f"UCI data not found under {UCI_ROOT} (set PYRO_BBB_UCI_ROOT to the folder holding yacht/)")
-    _run("fidelity.py", tmp_path, "--root", str(UCI_ROOT))
+    # two worker processes: each problem's result reaches the cache from its worker
+    proc = _run("fidelity.py", tmp_path, "--root", str(UCI_ROOT), "--workers", "2")
+    assert "3 of 3 problems to run, 2 worker(s)" in proc.stdout and "3/3 done" in proc.stdout
 
     results = json.loads((tmp_path / "fidelity.json").read_text())
     assert list(results) == list(FIDELITY_QUICK_KEYS)
@@ -329,7 +331,7 @@ def test_fidelity_quick(tmp_path):
     # --report-only computes nothing: cached problems are reported, the others listed
     proc = _run("fidelity.py", tmp_path, "--root", str(UCI_ROOT), "--report-only",
                 "--datasets", "yacht", "--splits", "0,1")
-    assert "yacht/split1" not in proc.stdout  # no "[fidelity] 2/2 yacht/split1" line: nothing ran
+    assert "yacht/split1" not in proc.stdout  # no "[fidelity] yacht/split1 ..." line: nothing ran
     assert list(json.loads((tmp_path / "fidelity.json").read_text())) == ["yacht/split0"]
     assert "Not run yet (no cached result): yacht/split1." in (tmp_path / "fidelity.md").read_text()
 
