@@ -46,7 +46,7 @@ import classification as cls  # noqa: E402  (versions, command line, tables)
 import pyro.distributions as dist  # noqa: E402
 import pyro_bbb as bbb  # noqa: E402
 from pyro_bbb import schemes  # noqa: E402
-from pyro_bbb.fidelity import OVERCONFIDENT_BELOW, UNDERCONFIDENT_ABOVE  # noqa: E402
+from pyro_bbb.fidelity import DEFINITIONS, OVERCONFIDENT_BELOW, UNDERCONFIDENT_ABOVE  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ROOT = HERE.parent.parent / "shared" / "data" / "uci"
@@ -359,7 +359,7 @@ def confidence_table(results, keys, scheme_names) -> str:
 
 def plot_w1(results, scheme_names, path: Path) -> bool:
     """Bars of w1_mean per scheme averaged over the converged standard and gap UCI
-    problems (one panel each, log scale: the schemes differ by orders of magnitude)."""
+    problems, one panel each (log scale where the schemes differ by more than 20x)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -375,8 +375,10 @@ def plot_w1(results, scheme_names, path: Path) -> bool:
     fig, axes = plt.subplots(1, len(means), figsize=(1.0 + 0.8 * len(scheme_names) * len(means), 3.4),
                              squeeze=False)
     for ax, (label, m) in zip(axes[0], means.items()):
-        ax.bar(scheme_names, [v if math.isfinite(v) else np.nan for v in m], color="tab:blue")
-        ax.set_yscale("log")
+        values = [v if math.isfinite(v) else np.nan for v in m]
+        ax.bar(scheme_names, values, color="tab:blue")
+        if np.nanmax(values) > 20 * np.nanmin(values):  # a failed scheme would flatten the rest
+            ax.set_yscale("log")
         ax.set_ylabel("mean w1 to HMC (standardized f)")
         counted = sum(results[k]["reference_converged"] for k in panels[label])
         ax.set_title(f"{label} ({counted} converged)")
@@ -387,38 +389,65 @@ def plot_w1(results, scheme_names, path: Path) -> bool:
     return True
 
 
-def write_report(out: Path, results, keys, cfg, mode, figures, wall, missing=()) -> None:
+def settings_text(cfg, mode, wall) -> list[str]:
+    """The command, the notes, the model and every scheme's and the reference's settings."""
     names = cfg["schemes"]
-    lines = ["# Inference schemes against HMC", "",
-             f"Mode: {mode}. Command: `{cls.command_line()}`. Wall time {wall:.0f} s "
-             "(cached problems count zero).", "", *(f"{note}\n" for note in cfg.get("notes", ())),
-             f"Model: one hidden layer of {HIDDEN} tanh units, N(0, {PRIOR_SCALE:g}) priors on every weight "
-             f"and bias, fixed noise {UCI_NOISE:g} on the standardized UCI targets ({CURVE_NOISE:g} on the "
-             "curve); breast_cancer is logistic regression (no hidden layer). bbb-mixture uses a scale-mixture "
-             f"prior (pi {MIXTURE['pi']:g}, sigma1 {MIXTURE['sigma1']:g}, sigma2 e^-6). Every scheme: "
-             f"{cfg['epochs']} steps, lr {cfg['lr']:g}, seed {cfg['seed']}, {cfg['vi_samples']} draws"
-             + "".join(f"; {name} also {', '.join(f'{k} {v:g}' for k, v in opts.items())}"
-                       for name, opts in cfg["scheme_options"].items() if name in names) + ". "
-             f"Reference: ChEES-HMC, {cfg['hmc']['num_chains']} chains, until converged or "
-             f"{cfg['time_limit']:g} s. On gap splits every test input counts as away from the data.", "",
-             "Values are the fidelity metric (w1_mean for regression, tv for classification; ideal 0). "
-             f"In parentheses: {NOT_CONVERGED}, stored but never averaged or ranked.", ""]
-    lines[2:2] = [headline(results, keys, names), ""] + (
-        [f"Not run yet (no cached result): {', '.join(missing)}.", ""] if missing else [])
+    return [f"Mode: {mode}. Command: `{cls.command_line()}`. Wall time {wall:.0f} s "
+            "(cached problems count zero).", "", *(f"{note}\n" for note in cfg.get("notes", ())),
+            f"Model: one hidden layer of {HIDDEN} tanh units, N(0, {PRIOR_SCALE:g}) priors on every weight "
+            f"and bias, fixed noise {UCI_NOISE:g} on the standardized UCI targets ({CURVE_NOISE:g} on the "
+            "curve); breast_cancer is logistic regression (no hidden layer). bbb-mixture uses a scale-mixture "
+            f"prior (pi {MIXTURE['pi']:g}, sigma1 {MIXTURE['sigma1']:g}, sigma2 e^-6). Every scheme: "
+            f"{cfg['epochs']} steps, lr {cfg['lr']:g}, seed {cfg['seed']}, {cfg['vi_samples']} draws"
+            + "".join(f"; {name} also {', '.join(f'{k} {v:g}' for k, v in opts.items())}"
+                      for name, opts in cfg["scheme_options"].items() if name in names) + ". "
+            f"Reference: ChEES-HMC, {cfg['hmc']['num_chains']} chains, until converged or "
+            f"{cfg['time_limit']:g} s. On gap splits every test input counts as away from the data.", ""]
+
+
+def not_run_text(missing) -> list[str]:
+    """The selected problems without a cached result, a line per data set."""
+    if not missing:
+        return []
+    by_set = {}
+    for key in missing:
+        name, _, part = key.partition("/")
+        by_set.setdefault(name, []).append(part or name)
+    return [f"Not run yet (no cached result; they count nowhere): "
+            + "; ".join(f"{name} {', '.join(parts)}" for name, parts in by_set.items()) + ".", ""]
+
+
+def tables_text(results, keys, names) -> list[str]:
+    """The confidence table, then one fidelity table per group of problems, and the
+    definitions of what they show."""
+    lines = []
     if any(field for _, _, field in problem_groups(keys).values()):
         lines += ["## Confidence", "", "Median over converged problems of each scheme's median std ratio "
                   "to HMC (1 is right; below it over-confident).", "", confidence_table(results, keys, names), ""]
-    groups = list(dict.fromkeys(group_of(k) for k in keys))
-    for group in groups:
+    lines += ["Values below are the fidelity metric (w1_mean for regression, tv for classification; ideal 0). "
+              f"In parentheses: {NOT_CONVERGED}, stored but never averaged or ranked.", ""]
+    for group in dict.fromkeys(group_of(k) for k in keys):
         lines += [f"## {group}", "", group_table([k for k in keys if group_of(k) == group], results, names), ""]
     jitters = [f"{k} {results[k]['schemes']['laplace']['laplace_jitter']:g}" for k in keys
                if "laplace" in results[k]["schemes"]]
     if jitters:
         lines += ["Laplace needs a positive definite precision: the jitter added to the Hessian "
                   "(H + jitter * I, the smallest of 0, 1, 10, ..., 1e4 that works): " + "; ".join(jitters) + ".", ""]
-    lines += ["## Summaries", ""]
-    lines += [f"- **{k}** ({verdict(results[k])}): {results[k]['summary']}" for k in keys]
-    lines += ["", "## Figures", ""] + [f"![{f}]({f})" for f in figures] + [""]
+    used = ("w1_mean", "tv", "std_ratio_median_in", "std_ratio_median_away")
+    lines += ["## Definitions", "", *(f"- `{m}`: {DEFINITIONS[m]}" for m in used),
+              "- every metric of `fidelity.json`: [docs/metrics.md](../../docs/metrics.md)", ""]
+    return lines
+
+
+def write_report(out: Path, results, keys, cfg, mode, figures, wall, missing=()) -> None:
+    """fidelity.md: headline, settings, pictures, tables and definitions, per-problem
+    summaries, versions and what the table shows beside the literature."""
+    names = cfg["schemes"]
+    lines = ["# Inference schemes against HMC", "", headline(results, keys, names), "",
+             *not_run_text(missing), *settings_text(cfg, mode, wall),
+             "## Figures", "", *(f"![{f}]({f})" for f in figures), "",
+             *tables_text(results, keys, names), "## Summaries", "",
+             *(f"- **{k}** ({verdict(results[k])}): {results[k]['summary']}" for k in keys), ""]
     lines += cls.report_footer(literature({k: results[k] for k in keys}, names))
     text = "\n".join(lines).replace("## What it shows", "## What the table shows")
     (out / "fidelity.md").write_text(text)

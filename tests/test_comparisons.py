@@ -333,7 +333,7 @@ def test_fidelity_quick(tmp_path):
                 "--datasets", "yacht", "--splits", "0,1")
     assert "yacht/split1" not in proc.stdout  # no "[fidelity] yacht/split1 ..." line: nothing ran
     assert list(json.loads((tmp_path / "fidelity.json").read_text())) == ["yacht/split0"]
-    assert "Not run yet (no cached result): yacht/split1." in (tmp_path / "fidelity.md").read_text()
+    assert "Not run yet (no cached result; they count nowhere): yacht split1." in (tmp_path / "fidelity.md").read_text()
 
 
 def _fidelity_module():
