@@ -225,6 +225,27 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0])] + sys.argv[1:])
 
 
+def in_processes(function, argument_tuples, workers: int):
+    """Yield ``function(*args)`` for each of ``argument_tuples`` as it finishes, in this
+    process (``workers`` 1, in order) or in ``workers`` processes; on an error or an
+    interruption the runs not yet started are cancelled."""
+    if workers <= 1:
+        for args in argument_tuples:
+            yield function(*args)
+        return
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(function, *args) for args in argument_tuples]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
 def write_markdown_table(rows, header) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

@@ -510,21 +510,8 @@ def solved(todo, root, cfg, out: Path, workers: int, threads: int):
     """Yield ``(key, result)`` as problems finish: in this process, or in ``workers``
     processes (the caller caches each at once: an interruption loses only those in flight)."""
     if workers <= 1:
-        for key in todo:
-            print(f"[fidelity] {key} ...", flush=True)
-            yield solve(key, root, cfg, out, threads)
-        return
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(solve, key, root, cfg, out, threads) for key in todo]
-        try:
-            for future in as_completed(futures):
-                yield future.result()
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+        print(f"[fidelity] running {', '.join(todo)} in turn", flush=True)
+    yield from cls.in_processes(solve, [(key, root, cfg, out, threads) for key in todo], workers)
 
 
 def compute(keys, cache, root, cfg, out: Path, workers: int = 1, threads: int = 1) -> None:

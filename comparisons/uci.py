@@ -268,21 +268,7 @@ def run_jobs(jobs, cfg, root, workers, threads=1):
     """Yield ``(job, result)`` as runs finish: in this process, or in ``workers``
     processes (each result is cached by the caller as soon as it arrives, so an
     interrupted study loses only the runs in flight)."""
-    if workers <= 1:
-        for job in jobs:
-            yield run_timed(job, cfg, root, threads)
-        return
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        futures = [pool.submit(run_timed, job, cfg, root, threads) for job in jobs]
-        try:
-            for future in as_completed(futures):
-                yield future.result()
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
+    yield from cls.in_processes(run_timed, [(job, cfg, root, threads) for job in jobs], workers)
 
 
 # -- the cache --------------------------------------------------------------------------------
