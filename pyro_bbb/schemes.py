@@ -333,7 +333,7 @@ def _locate_flow(guide: AutoIAFNormal, model, init_scale: float, x, y) -> None:
     initial = {**model.initial_values()}
     pieces = []
     for name, site in guide.prototype_trace.iter_stochastic_nodes():
-        value = initial[name] if name in initial else site["value"]
+        value = initial[name] if name in initial else init_to_median(site)  # as _init_at_network
         pieces.append(biject_to(site["fn"].support).inv(value.detach()).reshape(-1))
     guide.transform = ComposeTransformModule(
         [*guide.transform.parts, ElementwiseAffine(torch.cat(pieces), init_scale)]
