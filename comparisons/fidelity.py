@@ -328,7 +328,7 @@ def headline(results, keys, scheme_names) -> str:
     ok = [k for k in keys if results[k]["reference_converged"]]
     bad = [k for k in keys if k not in ok]
     parts = [f"The reference converged on {len(ok)} of {len(keys)} problems"
-             + (f" (not on {', '.join(bad)}, which are never averaged or ranked)." if bad else ".")]
+             + (f" (not on {by_data_set(bad)}, which are never averaged or ranked)." if bad else ".")]
     for label, (subset, metric, _) in problem_groups(keys).items():
         means = {s: mean_over(results, subset, s, metric) for s in scheme_names}
         ranked = sorted((v, s) for s, v in means.items() if math.isfinite(v))
@@ -405,16 +405,20 @@ def settings_text(cfg, mode, wall) -> list[str]:
             f"{cfg['time_limit']:g} s. On gap splits every test input counts as away from the data.", ""]
 
 
+def by_data_set(keys) -> str:
+    """``"yacht split0, gap1; curve"``: problem keys grouped by data set."""
+    parts = {}
+    for key in keys:
+        name, _, part = key.partition("/")
+        parts.setdefault(name, []).append(part)
+    return "; ".join(f"{name} {', '.join(p)}" if any(p) else name for name, p in parts.items())
+
+
 def not_run_text(missing) -> list[str]:
-    """The selected problems without a cached result, a line per data set."""
+    """The selected problems without a cached result."""
     if not missing:
         return []
-    by_set = {}
-    for key in missing:
-        name, _, part = key.partition("/")
-        by_set.setdefault(name, []).append(part or name)
-    return [f"Not run yet (no cached result; they count nowhere): "
-            + "; ".join(f"{name} {', '.join(parts)}" for name, parts in by_set.items()) + ".", ""]
+    return [f"Not run yet (no cached result; they count nowhere): {by_data_set(missing)}.", ""]
 
 
 def tables_text(results, keys, names) -> list[str]:

@@ -359,7 +359,7 @@ def test_fidelity_headline_ranks_schemes_on_converged_problems_only():
     text = fidelity.headline(results, list(results), ["bbb", "ensemble", "laplace"])
     # means over the two converged gaps: laplace 0.5, bbb 2.0, ensemble 2.0 (ties by name);
     # energy/gap0 would change every mean if it counted
-    assert "converged on 2 of 3 problems (not on energy/gap0" in text
+    assert "converged on 2 of 3 problems (not on energy gap0" in text
     assert ("On the UCI gap splits (2 converged), laplace is closest to the reference (mean w1_mean 0.5), "
             "then bbb (2, 4.00x farther)") in text
     assert "farthest: ensemble (2)" in text
