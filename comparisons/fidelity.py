@@ -18,6 +18,8 @@ stored with ``reference_converged: false`` and shown as "reference not converged
 
 Every problem's result is cached in ``fidelity_cache_<mode>.json`` in the output folder as
 soon as it is done, so an interrupted run resumes (a different configuration starts afresh).
+The full run's cache is committed in ``comparisons/results``: rerunning the full command
+computes only the problems it does not hold yet.
 
     python comparisons/fidelity.py --quick   # CI: yacht split 0 + gap 0 + curve, 3 schemes
     python comparisons/fidelity.py --workers 2   # everything (hours on a CPU)
