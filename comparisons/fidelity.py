@@ -286,18 +286,20 @@ def literature(results, scheme_names) -> str:
                      "overconfident in between the data.")
     else:
         parts.append("No converged gap split with BBB: Foong et al.'s prediction is not tested here.")
-    ens_w1, vi_w1 = (finite_values(results, [k for k in ok if "/" in k], s, "w1_mean") for s in ("ensemble", "bbb"))
-    uci = sorted(set(ens_w1) & set(vi_w1))
-    if uci:
-        ens, vi = (float(np.mean([w[k] for k in uci])) for w in (ens_w1, vi_w1))
-        wins = sum(ens_w1[k] < vi_w1[k] for k in uci)
+    for label, subset in (("standard UCI splits", [k for k in ok if "/split" in k]),
+                          ("UCI gap splits", [k for k in ok if "/gap" in k])):
+        ens_w1, vi_w1 = (finite_values(results, subset, s, "w1_mean") for s in ("ensemble", "bbb"))
+        both = sorted(set(ens_w1) & set(vi_w1))
+        if not both:
+            parts.append(f"No converged {label} with both BBB and the ensemble: Izmailov et al.'s "
+                         "finding is not tested there.")
+            continue
+        ens, vi = (float(np.mean([w[k] for k in both])) for w in (ens_w1, vi_w1))
+        wins = sum(ens_w1[k] < vi_w1[k] for k in both)
         side = "agrees with" if ens < vi else "disagrees with"
-        parts.append(f"Over the converged UCI problems the deep ensemble's mean w1 distance to HMC is "
-                     f"{ens:.3g} against BBB's {vi:.3g} (the ensemble closer on {wins} of {len(uci)}), which "
+        parts.append(f"On the {len(both)} converged {label} the deep ensemble's mean w1 distance to HMC is "
+                     f"{ens:.3g} against BBB's {vi:.3g} (the ensemble closer on {wins} of {len(both)}), which "
                      f"{side} Izmailov et al. (2021): deep ensembles closer to HMC than mean-field VI.")
-    else:
-        parts.append("No converged UCI problem with both BBB and the ensemble: Izmailov et al.'s "
-                     "finding is not tested here.")
     return " ".join(parts)
 
 
