@@ -48,7 +48,7 @@ import classification as cls  # noqa: E402  (versions, command line, tables)
 import pyro.distributions as dist  # noqa: E402
 import pyro_bbb as bbb  # noqa: E402
 from pyro_bbb import schemes  # noqa: E402
-from pyro_bbb.fidelity import DEFINITIONS, OVERCONFIDENT_BELOW, UNDERCONFIDENT_ABOVE  # noqa: E402
+from pyro_bbb.fidelity import DEFINITIONS, OVERCONFIDENT_BELOW, confidence_word  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ROOT = HERE.parent.parent / "shared" / "data" / "uci"
@@ -305,11 +305,7 @@ def literature(results, scheme_names) -> str:
 
 def reading(ratio: float) -> str:
     """A median std ratio read as over-confident, under-confident or about right."""
-    if not math.isfinite(ratio):
-        return "–"
-    if ratio < OVERCONFIDENT_BELOW:
-        return f"{ratio:.2f} (over-confident)"
-    return f"{ratio:.2f} (under-confident)" if ratio > UNDERCONFIDENT_ABOVE else f"{ratio:.2f} (about right)"
+    return f"{ratio:.2f} ({confidence_word(ratio)})" if math.isfinite(ratio) else "–"
 
 
 def median_over(results, keys, scheme, metric) -> float:

@@ -22,7 +22,7 @@ from . import _checks
 from .compare import ComparisonReport, compare, json_value, markdown_table, new_figure, save_png
 from .hmc.diagnostics import ESS_MIN, rhat_passes
 
-__all__ = ["FidelityReport", "compare_schemes", "DEFINITIONS", "OVERCONFIDENT_BELOW",
+__all__ = ["FidelityReport", "compare_schemes", "confidence_word", "DEFINITIONS", "OVERCONFIDENT_BELOW",
            "UNDERCONFIDENT_ABOVE", "ECE_BINS", "expected_calibration_error", "definitions_markdown"]
 
 #: A predictive std ratio (scheme / reference) below this reads over-confident ...
@@ -344,14 +344,23 @@ def _summary_sentences(rep: FidelityReport) -> list[str]:
     return out
 
 
+def confidence_word(ratio: float) -> str:
+    """A finite std ratio (scheme over reference) read as "over-confident" (below
+    :data:`OVERCONFIDENT_BELOW`), "under-confident" (above :data:`UNDERCONFIDENT_ABOVE`)
+    or "about right".
+
+    >>> confidence_word(0.4), confidence_word(1.0), confidence_word(2.0)
+    ('over-confident', 'about right', 'under-confident')
+    """
+    if ratio < OVERCONFIDENT_BELOW:
+        return "over-confident"
+    return "under-confident" if ratio > UNDERCONFIDENT_ABOVE else "about right"
+
+
 def _confidence(ratio: float) -> str:
     if not np.isfinite(ratio):
         return "no test input"
-    if ratio < OVERCONFIDENT_BELOW:
-        return f"over-confident (std ratio {ratio:.2f})"
-    if ratio > UNDERCONFIDENT_ABOVE:
-        return f"under-confident (std ratio {ratio:.2f})"
-    return f"about right (std ratio {ratio:.2f})"
+    return f"{confidence_word(ratio)} (std ratio {ratio:.2f})"
 
 
 # ----------------------------------------------------------------------------

@@ -335,10 +335,9 @@ def _locate_flow(guide: AutoIAFNormal, model, init_scale: float, x, y) -> None:
     for name, site in guide.prototype_trace.iter_stochastic_nodes():
         value = initial[name] if name in initial else init_to_median(site)  # as _init_at_network
         pieces.append(biject_to(site["fn"].support).inv(value.detach()).reshape(-1))
+    # AutoIAFNormal's transform is always a ComposeTransformModule (Pyro's ``iterated``)
     guide.transform = ComposeTransformModule(
-        [*guide.transform.parts, ElementwiseAffine(torch.cat(pieces), init_scale)]
-        if isinstance(guide.transform, ComposeTransformModule)
-        else [guide.transform, ElementwiseAffine(torch.cat(pieces), init_scale)])
+        [*guide.transform.parts, ElementwiseAffine(torch.cat(pieces), init_scale)])
 
 
 # ----------------------------------------------------------------------------
