@@ -178,6 +178,30 @@ def test_hmc_step_preserves_a_gaussian():
     assert not bool(info.diverging.any())
 
 
+def test_leapfrog_matches_a_plain_loop_and_leaves_the_start_state_untouched():
+    # U = |q|^2 / 2 with a potential that returns its own input as the gradient: the
+    # kernel's in-place momentum updates must neither change the start state nor the
+    # gradient it was handed.  Reference: the textbook leapfrog in NumPy, float64.
+    def potential(u):
+        return 0.5 * (u * u).sum(-1), u
+
+    q0 = torch.randn(6, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    state = hmc_init(q0.clone(), potential)
+    inv_mass = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    _, info = hmc_step(state, potential, step_size=0.3, inv_mass=inv_mass, n_steps=5,
+                       generator=torch.Generator().manual_seed(3))
+    assert torch.equal(state.position, q0) and torch.equal(state.grad, q0)
+    noise = torch.randn(q0.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    m = inv_mass.numpy()
+    q, p = q0.numpy().copy(), (noise * inv_mass.rsqrt()).numpy()
+    for _ in range(5):
+        p = p - 0.15 * q
+        q = q + 0.3 * m * p
+        p = p - 0.15 * q
+    np.testing.assert_allclose(info.proposal_position.numpy(), q, rtol=1e-12)
+    np.testing.assert_allclose(info.proposal_momentum.numpy(), p, rtol=1e-12)
+
+
 def test_divergent_transitions_are_rejected():
     def potential(u):  # a cliff: the energy error explodes for any step
         return 1e6 * (u**2).sum(-1), 2e6 * u

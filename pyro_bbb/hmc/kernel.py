@@ -73,16 +73,22 @@ def hmc_step(
     noise = torch.randn(q0.shape, generator=generator, device=q0.device, dtype=q0.dtype)
     p = noise * inv_mass.rsqrt()
     h0 = u0 + _kinetic(p, inv_mass)
+    # Per step: two kicks in place on p (this function's own), one drift to a new q (the
+    # potential may keep or return its input), the energy check.
     q, g, u = q0, g0, u0
-    diverging = torch.zeros_like(u0, dtype=torch.bool)
+    drift = step_size * inv_mass
+    half_inv_mass = 0.5 * inv_mass
+    below_threshold = torch.ones_like(u0, dtype=torch.bool)
     half = 0.5 * step_size
     for _ in range(n_steps):
-        p = p - half * g
-        q = q + step_size * inv_mass * p
+        p.add_(g, alpha=-half)
+        q = torch.addcmul(q, drift, p)
         u, g = potential_fn(q)
-        p = p - half * g
+        p.add_(g, alpha=-half)
+        error = torch.linalg.vecdot(p * half_inv_mass, p).add_(u).sub_(h0)
         # NaN-safe: a non-finite energy error is divergent too.
-        diverging |= ~((u + _kinetic(p, inv_mass) - h0) <= DIVERGENCE_THRESHOLD)
+        below_threshold &= error <= DIVERGENCE_THRESHOLD
+    diverging = ~below_threshold
     h1 = u + _kinetic(p, inv_mass)
     log_accept = torch.where(diverging, torch.full_like(h0, -math.inf), h0 - h1)
     acceptance = torch.exp(torch.clamp(log_accept, max=0.0))

@@ -387,7 +387,7 @@ class MLPPotential(Potential):
         self.layers = layers
         self.xt = x.t().contiguous()  # (d, N)
         self.xt_ones = torch.cat([self.xt, self.xt.new_ones(1, self.xt.shape[1])])
-        self.minus_one = x.new_tensor(-1.0)
+        self.minus_one, self.one = x.new_tensor(-1.0), x.new_tensor(1.0)
         self.prior = _prior_terms(model, x.dtype, x.device)
         outputs = layers[-1].fan_out
         if isinstance(model, BayesianClassifier):
@@ -451,7 +451,10 @@ class MLPPotential(Potential):
             pieces.append(noise_grad[:, None])
         grad = torch.cat(pieces, 1)
         potential += self._add_prior(u, grad)
-        ok = torch.isfinite(potential) & torch.isfinite(grad).all(-1)
+        # One reduction instead of an elementwise check: a NaN or inf anywhere in the row
+        # makes the sum non-finite; a finite row whose sum overflows (|dU/du| ~ 1e38 in
+        # float32) is flagged too, which only rejects a chain that is lost anyway.
+        ok = torch.isfinite(potential + grad.sum(-1))
         if sigma is not None:  # exp(v) overflowed or underflowed: outside the support
             ok &= torch.isfinite(sigma) & (sigma > 0)
         if not bool(ok.all()):
@@ -541,7 +544,7 @@ class MLPPotential(Potential):
     def _backward(self, u: Tensor, dout: Tensor, work: dict) -> list[Tensor]:
         """``dU/d(weights)`` of the likelihood, as (C, -1) pieces in the flat order."""
         chains = u.shape[0]
-        pieces = []
+        pieces, row_scale = [], None
         for index in range(len(self.layers) - 1, 0, -1):
             layer = self.layers[index]
             dz, dw, db = work["dz"][index], work["dw"][index], work["db"][index]
@@ -551,42 +554,60 @@ class MLPPotential(Potential):
                 torch.sum(dz, -1, out=db)
                 part.append(db)
             pieces[:0] = part
-            self._through_activation(u, layer, index, work)
+            row_scale = self._through_activation(u, layer, index, work)
         # First layer: [x; 1] (d + 1, N) times dz^T (N, C h): weights and bias in one
         # product, in the orientation MKL runs fastest for these shapes.
         first = self.layers[0]
         rows = chains * first.fan_out
         dw0 = work["dw0"]
         torch.mm(self.xt_ones, work["dz"][0].view(rows, -1).t(), out=dw0)
+        if row_scale is not None:
+            dw0.mul_(row_scale.reshape(1, rows))
         d = first.fan_in
         weight = dw0[:d].view(d, chains, first.fan_out).permute(1, 2, 0).reshape(chains, -1)
         part = [weight] if first.bias is None else [weight, dw0[d].view(chains, -1)]
         return part + pieces
 
-    def _through_activation(self, u: Tensor, layer: _Layer, index: int, work: dict) -> None:
+    def _through_activation(self, u: Tensor, layer: _Layer, index: int, work: dict) -> Tensor | None:
         """``dU/dz`` of the layer below from ``dU/dz`` of this one: ``W^T dz`` times the
         activation's derivative, written from its output ``a`` (tanh ``1 - a^2``, ReLU
-        ``a > 0``, sigmoid ``a (1 - a)``)."""
+        ``a > 0``, sigmoid ``a (1 - a)``).
+
+        After a one-output layer (regression's last) ``W^T dz`` is an outer product
+        ``w_h dz_n``: the derivative is multiplied by ``dz`` alone and, when the layer
+        below is the first, ``w`` (C, h) is returned for the caller to apply to the first
+        layer's small (d + 1, C h) gradient: two passes over the (C, h, N) array, not four."""
         chains = u.shape[0]
         w = u[:, layer.weight[0] : layer.weight[1]].view(chains, layer.fan_out, layer.fan_in)
         below = self.layers[index - 1]
         a, tmp, target = work["z"][index - 1], work["tmp"][index - 1], work["dz"][index - 1]
+        dz = work["dz"][index]
+        if layer.fan_out == 1 and below.activation is not None:
+            self._activation_derivative(below.activation, a, target)
+            target.mul_(dz)
+            if index == 1:
+                return w.view(chains, layer.fan_in)
+            target.mul_(w.transpose(1, 2))
+            return None
         if layer.fan_out == 1:  # an outer product: cheaper as a broadcast multiply
-            torch.mul(w.transpose(1, 2), work["dz"][index], out=tmp)  # dU/da
+            torch.mul(w.transpose(1, 2), dz, out=tmp)  # dU/da
         else:
-            torch.bmm(w.transpose(1, 2), work["dz"][index], out=tmp)
+            torch.bmm(w.transpose(1, 2), dz, out=tmp)
         if below.activation is None:  # two Linear layers in a row
             target.copy_(tmp)
-        elif below.activation == "tanh":
-            torch.mul(a, a, out=target)
-            torch.addcmul(tmp, tmp, target, value=-1.0, out=target)
-        elif below.activation == "relu":
-            torch.sign(a, out=target)
+        else:
+            self._activation_derivative(below.activation, a, target)
             target.mul_(tmp)
+        return None
+
+    def _activation_derivative(self, activation: str, a: Tensor, out: Tensor) -> None:
+        """The activation's derivative from its output ``a``, in one pass, into ``out``."""
+        if activation == "tanh":
+            torch.addcmul(self.one, a, a, value=-1.0, out=out)  # 1 - a^2
+        elif activation == "relu":
+            torch.sign(a, out=out)  # a >= 0: 1 where the unit is on
         else:  # sigmoid
-            torch.mul(a, a, out=target)
-            torch.sub(a, target, out=target)
-            target.mul_(tmp)
+            torch.addcmul(a, a, a, value=-1.0, out=out)  # a - a^2
 
     def _add_prior(self, u: Tensor, grad: Tensor) -> Tensor:
         """Adds ``-d log p(w) / dw`` to ``grad`` in place; returns ``-log p(w)`` (C,)."""
