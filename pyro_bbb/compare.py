@@ -38,7 +38,8 @@ from scipy.special import logsumexp
 from scipy.stats import wasserstein_distance
 
 from . import _checks
-from .hmc.diagnostics import ESS_MIN, RHAT_MAX, RHAT_PRINT_DIGITS, f_diagnostics, rhat_passes
+from .hmc.diagnostics import (ESS_MIN, RHAT_MAX, convergence_problems, f_diagnostics,
+                               rhat_passes)
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # arviz 0.23's refactor notice
@@ -644,15 +645,8 @@ def _convergence_rows(hmc, report_warnings):
         _row("hmc convergence", "divergences", "all draws", hmc=divergences, value=divergences,
              note="want 0" if divergences is not None else "no diverging statistic"),
     ]
-    problems = []
-    if not rhat_passes(max_rhat):
-        problems.append(f"max R-hat {max_rhat:.{RHAT_PRINT_DIGITS}f} > {RHAT_MAX}")
-    if not (min_bulk >= ESS_MIN):
-        problems.append(f"min bulk ESS {min_bulk:.0f} < {ESS_MIN}")
-    if not (min_tail >= ESS_MIN):
-        problems.append(f"min tail ESS {min_tail:.0f} < {ESS_MIN}")
-    if divergences:
-        problems.append(f"{divergences} divergent transition{'s' if divergences > 1 else ''}")
+    problems = convergence_problems({"max_rhat_f": max_rhat, "min_ess_bulk_f": min_bulk,
+                                     "min_ess_tail_f": min_tail, "divergences": divergences})
     if problems:
         report_warnings.insert(
             0,

@@ -33,7 +33,7 @@ from pyro_bbb.hmc.adaptation import (
     welford_update,
 )
 from pyro_bbb.hmc.chees import MIN_TIMED_DRAWS, map_fit
-from pyro_bbb.hmc.diagnostics import nested_rhat, reference_converged
+from pyro_bbb.hmc.diagnostics import convergence_problems, nested_rhat, reference_converged
 from pyro_bbb.hmc.kernel import HMCInfo, halton, hmc_init, hmc_step, num_leapfrog_steps
 from pyro_bbb.hmc.potential import Potential
 from pyro_bbb.inference_data import to_inference_data
@@ -719,7 +719,7 @@ def test_until_converged_stops_when_converged(conjugate_model):
     run = run_hmc(model, ref.x, ref.y, num_chains=8, num_samples=40, warmup_steps=100, x_test=x_test,
                   until_converged=True, max_samples=2000, seed=0, progress=False)
     d = run.diagnostics
-    assert run.converged and run.stop_reason == "converged"
+    assert run.converged and run.stop_reason == "converged" and convergence_problems(d) == []
     # It stopped at the first block boundary where the check passed, long before the cap.
     draws = run.samples["weight"].shape[1]
     assert draws % 40 == 0 and draws < 2000
@@ -735,15 +735,37 @@ def test_until_converged_stops_when_converged(conjugate_model):
         assert not ok
 
 
+@pytest.mark.parametrize("diagnostics, expected", [
+    ({"max_rhat_f": 1.0149, "min_ess_bulk_f": 400.0, "min_ess_tail_f": 400.0}, []),
+    ({"max_rhat_f": 1.0150, "min_ess_bulk_f": 400.0, "min_ess_tail_f": 400.0, "divergences": 0},
+     ["max R-hat 1.0150 > 1.01"]),
+    ({"max_rhat_f": 1.0, "min_ess_bulk_f": 399.6, "min_ess_tail_f": float("nan"), "divergences": 1},
+     ["min bulk ESS 399 < 400", "min tail ESS nan < 400", "1 divergent transition"]),
+])
+def test_convergence_problems_name_each_failure_as_the_check_reads_it(diagnostics, expected):
+    assert convergence_problems(diagnostics) == expected
+    # the check and the list agree (divergences are listed but are not part of the check)
+    assert reference_converged(diagnostics) == (not [p for p in expected if "divergent" not in p])
+
+
 @pytest.mark.parametrize("budget, reason, draws", [({"max_samples": 10}, "max_samples", 10),
                                                    ({"max_samples": 3}, "max_samples", 3),
                                                    ({"time_limit": 1e-3}, "time_limit", 4)])
 def test_until_converged_reports_the_limit(conjugate_model, budget, reason, draws):
     model, ref = conjugate_model
     # 4 chains x at most 10 draws: ESS cannot reach 400 (ArviZ caps it at n log10 n).
-    run = run_hmc(model, ref.x, ref.y, num_chains=4, num_samples=5, warmup_steps=20,
-                  until_converged=True, seed=0, progress=False, **budget)
+    with pytest.warns(RuntimeWarning, match="did not converge") as record:
+        run = run_hmc(model, ref.x, ref.y, num_chains=4, num_samples=5, warmup_steps=20,
+                      until_converged=True, seed=0, progress=False, **budget)
     assert not run.converged and run.stop_reason == reason
+    # The warning names the budget, what failed (as convergence_problems says) and the
+    # draws the run holds.
+    message = str(record[0].message)
+    limit = f"{reason}={budget[reason]:g}" if reason == "time_limit" else f"{reason}={budget[reason]}"
+    assert limit in message and f"{draws} draws per chain" in message
+    for problem in convergence_problems(run.diagnostics):
+        assert problem in message
+    assert 0 < run.adaptation["warmup_seconds"] <= run.wall_time
     # Blocks of 5, never past max_samples; a spent clock still leaves MIN_TIMED_DRAWS.
     assert run.samples["weight"].shape[1] == draws
     plain = run_hmc(model, ref.x, ref.y, num_chains=4, num_samples=5, warmup_steps=20, seed=0,
@@ -756,9 +778,13 @@ def test_time_limit_stops_inside_a_block(conjugate_model):
     # One block of a million draws would take hours; the clock is read after every
     # transition, so the run ends about a second in (10 s allows for a loaded machine);
     # the draws the clock allowed are then checked, and may pass on this easy posterior.
-    run = run_hmc(model, ref.x, ref.y, num_chains=4, num_samples=10**6, warmup_steps=20,
-                  until_converged=True, time_limit=1.0, seed=0, progress=False)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run = run_hmc(model, ref.x, ref.y, num_chains=4, num_samples=10**6, warmup_steps=20,
+                      until_converged=True, time_limit=1.0, seed=0, progress=False)
     assert run.stop_reason in ("time_limit", "converged")
+    # it warns exactly when it stopped unconverged
+    assert any("did not converge" in str(w.message) for w in record) == (not run.converged)
     assert run.converged == (run.stop_reason == "converged")
     assert MIN_TIMED_DRAWS <= run.samples["weight"].shape[1] < 10**6
     assert run.wall_time < 10.0

@@ -21,7 +21,8 @@ The map of the package, one concept per module:
 ``diagnostics``
     R-hat, nested R-hat (:func:`nested_rhat`) and ESS on f(x*)
     (:func:`f_diagnostics`), the thresholds (:data:`RHAT_MAX`, :data:`ESS_MIN`) and
-    the verdict (:func:`reference_converged`, :func:`rhat_passes`): used by
+    the verdict (:func:`reference_converged`, :func:`rhat_passes`,
+    :func:`convergence_problems`): used by
     :func:`run_hmc`, :func:`pyro_bbb.compare` and the benchmarks.
 ``result``
     The result types :class:`HMCReference` and :class:`ChEESReference`.
@@ -44,7 +45,7 @@ _PUBLIC = {
     "warmup_schedule": "adaptation",
     "ESS_MIN": "diagnostics", "RHAT_MAX": "diagnostics", "f_diagnostics": "diagnostics",
     "nested_rhat": "diagnostics", "reference_converged": "diagnostics",
-    "rhat_passes": "diagnostics",
+    "rhat_passes": "diagnostics", "convergence_problems": "diagnostics",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -42,6 +42,7 @@ output ``f(x*)``: rank-normalised split R-hat (Vehtari et al. 2021), nested R-ha
 from __future__ import annotations
 
 import time
+import warnings
 from numbers import Integral
 from typing import NamedTuple
 
@@ -53,7 +54,7 @@ from tqdm.auto import tqdm
 
 from .. import _checks
 from .adaptation import check_start, warmup, warmup_final
-from .diagnostics import f_diagnostics, reference_converged
+from .diagnostics import convergence_problems, f_diagnostics, reference_converged
 from .kernel import halton, harmonic_mean, hmc_init, hmc_step, num_leapfrog_steps
 from .potential import Potential, batched_potential, model_priors
 from .result import ChEESReference
@@ -198,7 +199,9 @@ def run_hmc(
         tail ESS >= 400 at every test input) or the budget runs out; needs
         ``time_limit`` or ``max_samples``.  ``result.converged`` and
         ``result.stop_reason`` (``"converged"``, ``"time_limit"``, ``"max_samples"``;
-        ``"num_samples"`` for a plain run) say which.
+        ``"num_samples"`` for a plain run) say which, and a run that stops unconverged
+        warns (``RuntimeWarning``) with what failed and how much of the time the
+        warmup took.
     time_limit : float, optional
         Seconds for the whole run, warmup included: sampling stops at the first
         transition that ends past it (after at least :data:`MIN_TIMED_DRAWS` draws
@@ -261,7 +264,23 @@ def run_hmc(
     start_time = time.perf_counter()
     run, warm, adapted = _run(model, args, start_time)
     wall_time = time.perf_counter() - start_time
-    return _result(run, warm, adapted, _settings(args), wall_time)
+    result = _result(run, warm, adapted, _settings(args), wall_time)
+    if args.until_converged and not result.converged:
+        warnings.warn(not_converged_message(result), RuntimeWarning, stacklevel=2)
+    return result
+
+
+def not_converged_message(result: ChEESReference) -> str:
+    """Why an ``until_converged`` run stopped unconverged, and how much of its budget
+    the warmup took (a warmup that fills the time limit leaves a handful of draws)."""
+    problems = "; ".join(convergence_problems(result.diagnostics))
+    warmup_time = float(result.adaptation["warmup_seconds"])
+    limit = result.settings[result.stop_reason]  # "time_limit" or "max_samples"
+    budget = f"time_limit={limit:g} s" if result.stop_reason == "time_limit" else f"max_samples={limit}"
+    return (f"run_hmc: the reference did not converge within {budget} ({problems}; on f(x*)); "
+            f"{result.num_samples} draws per chain after a warmup of {warmup_time:.3g} s of "
+            f"{result.wall_time:.3g} s. Its numbers are not a reference: raise the budget "
+            "(or, if the warmup took most of it, lower warmup_steps or max_leapfrog_steps)")
 
 
 class _Arguments(NamedTuple):
@@ -397,6 +416,7 @@ def _run(model, args: _Arguments, start_time: float):
                                      target_accept_prob=args.target_accept_prob,
                                      max_leapfrog_steps=args.max_leapfrog_steps, bar=bar)
             step_size, length, inv_mass = warmup_final(ws, args.max_leapfrog_steps)
+            warm["seconds"] = time.perf_counter() - start_time
             bar.set_description("sample")
             kernel = dict(step_size=step_size, length=length, inv_mass=inv_mass,
                           max_leapfrog_steps=args.max_leapfrog_steps)

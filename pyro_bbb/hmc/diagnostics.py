@@ -23,8 +23,8 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", FutureWarning)  # arviz 0.23's refactor notice
     import arviz as az
 
-__all__ = ["ESS_MIN", "RHAT_MAX", "RHAT_PRINT_DIGITS", "f_diagnostics", "nested_rhat",
-           "reference_converged", "rhat_passes"]
+__all__ = ["ESS_MIN", "RHAT_MAX", "RHAT_PRINT_DIGITS", "convergence_problems", "f_diagnostics",
+           "nested_rhat", "reference_converged", "rhat_passes"]
 
 #: Convergence thresholds for the reference (Vehtari et al. 2021): R-hat on f(x*),
 #: read as printed (see rhat_passes), and bulk and tail ESS at every test input.
@@ -133,3 +133,25 @@ def reference_converged(diagnostics: Mapping) -> bool:
     return (rhat_passes(diagnostics["max_rhat_f"])
             and diagnostics["min_ess_bulk_f"] >= ESS_MIN
             and diagnostics["min_ess_tail_f"] >= ESS_MIN)
+
+
+def convergence_problems(diagnostics: Mapping) -> list[str]:
+    """What fails the reference check, one phrase per failure: R-hat as printed, bulk
+    and tail ESS, and divergences where ``diagnostics`` counts them; ``[]`` if none.
+
+    >>> convergence_problems({"max_rhat_f": 1.0234, "min_ess_bulk_f": 120.4,
+    ...                       "min_ess_tail_f": 410.0, "divergences": 2})
+    ['max R-hat 1.0234 > 1.01', 'min bulk ESS 120 < 400', '2 divergent transitions']
+    """
+    max_rhat, divergences = diagnostics["max_rhat_f"], diagnostics.get("divergences")
+    problems = []
+    if not rhat_passes(max_rhat):
+        problems.append(f"max R-hat {max_rhat:.{RHAT_PRINT_DIGITS}f} > {RHAT_MAX}")
+    for kind in ("bulk", "tail"):
+        ess = diagnostics[f"min_ess_{kind}_f"]
+        if not ess >= ESS_MIN:  # floored, so that 399.6 does not read "400 < 400"
+            shown = math.floor(ess) if math.isfinite(ess) else ess
+            problems.append(f"min {kind} ESS {shown} < {ESS_MIN}")
+    if divergences:
+        problems.append(f"{divergences} divergent transition{'s' if divergences > 1 else ''}")
+    return problems

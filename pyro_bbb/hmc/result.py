@@ -92,7 +92,8 @@ class ChEESReference(HMCReference):
         (numpy, per unconstrained coordinate) and the warmup traces
         ``warmup_step_size``, ``warmup_trajectory_length``, ``warmup_n_steps``,
         ``warmup_acceptance_rate`` (harmonic mean over chains), ``warmup_window_draws``
-        (draws behind each mass-matrix update).
+        (draws behind each mass-matrix update) and ``warmup_seconds`` (wall seconds from
+        the start to the end of warmup, starts and MAP fits included).
     converged : bool
         :func:`~pyro_bbb.hmc.reference_converged` on the final diagnostics.
     stop_reason : str
