@@ -20,7 +20,8 @@ import torch
 
 import pyro_bbb as bbb
 from pyro_bbb.hmc import run_hmc
-from pyro_bbb.hmc.potential import MLPPotential, Potential, batched_potential, mlp_layout
+from pyro_bbb.hmc.potential import (CPU_BLOCK_ELEMENTS, MLPPotential, Potential, batched_potential,
+                                    mlp_layout)
 
 ACTIVATIONS = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU, "sigmoid": torch.nn.Sigmoid}
 PRIORS = {
@@ -119,6 +120,39 @@ def test_multi_output_regression_and_layers_without_bias():
     model = make_model("learned", mlp("relu", 2, outputs=2, bias=False), PRIORS["normal"])
     x, y = data("learned", outputs=2)
     assert_matches_general(model, x, y, positions(Potential(model, x, y).dim))
+
+
+@pytest.mark.parametrize("likelihood", ["fixed", "learned", "categorical"])
+def test_blocks_of_chains_equal_the_whole_batch_and_the_general_path(likelihood):
+    # 7 chains in blocks of 3 (3 + 3 + 1: a remainder block, work arrays of two sizes),
+    # one of them out of the support, so the non-finite rule runs per block.
+    outputs = 3 if likelihood == "categorical" else 1
+    model = make_model(likelihood, mlp("tanh", 1, outputs), PRIORS["normal"])
+    x, y = data(likelihood, outputs)
+    u = positions(Potential(model, x, y).dim, chains=7)
+    u[4, 0] = math.nan
+    fused = batched_potential(model, x, y)
+    assert fused.block_chains is not None and fused.block_chains >= 7  # CPU, small data: one block
+    whole = fused.value_and_grad(u)
+    fused.block_chains = 3
+    blocks = fused.value_and_grad(u)
+    for a, b in zip(blocks, whole):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0.0)
+    assert blocks[0][4] == math.inf and not blocks[1][4].any()
+    keep = torch.arange(7) != 4  # the general path's value on the finite rows
+    with pyro.validation_enabled(False):
+        v0, g0 = Potential(model, x, y).value_and_grad(u[keep])
+    torch.testing.assert_close(blocks[0][keep], v0, rtol=1e-10, atol=0.0)
+    torch.testing.assert_close(blocks[1][keep], g0, rtol=1e-10, atol=1e-12 * float(g0.abs().max()))
+
+
+def test_cpu_blocks_follow_the_size_of_the_largest_work_array():
+    net = torch.nn.Sequential(torch.nn.Linear(8, 50), torch.nn.Tanh(), torch.nn.Linear(50, 1))
+    model = bbb.BayesianRegressor(net, prior=PRIORS["normal"], noise=0.25)
+    for n, expected in ((100, CPU_BLOCK_ELEMENTS // 5000), (700, CPU_BLOCK_ELEMENTS // 35000),
+                        (10**6, 1)):
+        x, y = torch.zeros(n, 8), torch.zeros(n)
+        assert batched_potential(model, x, y).block_chains == expected
 
 
 def test_float32_close_to_general_potential():

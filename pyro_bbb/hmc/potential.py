@@ -357,6 +357,13 @@ def _prior_terms(model, dtype, device) -> _PriorTerms:
     return _PriorTerms(dim, loc, *terms)
 
 
+#: Elements of the largest work array (chains x width x N) per block of chains on CPU
+#: (4 MiB of float32).  64 chains, 50 tanh units, one thread, blocks against the whole
+#: batch timed in turns in one process: energy (blocks of 30) 0.84x the CPU time,
+#: concrete (22) 0.66x, wine-quality-red (14) 0.60x; yacht (one block) unchanged.
+CPU_BLOCK_ELEMENTS = 2**20
+
+
 class MLPPotential(Potential):
     """:class:`Potential` for MLPs, with a fused forward and a
     hand-derived backward (no autograd); same ``U``, layout and divergence rules.
@@ -416,6 +423,11 @@ class MLPPotential(Potential):
                 self.inv_var = 1.0 / model.noise**2
                 self.const += count * math.log(model.noise)
         self._work: dict[int, dict] = {}
+        # On CPU, chains go through in blocks whose largest (chains, width, N) array stays
+        # near the cache; a GPU wants the whole batch at once.
+        widest = max(layer.fan_out for layer in layers) * x.shape[0]
+        self.block_chains = (max(1, CPU_BLOCK_ELEMENTS // widest) if x.device.type == "cpu"
+                             else None)
 
     # -- work arrays, once per number of chains --------------------------------------------
     def _arrays(self, chains: int, like: Tensor) -> dict:
@@ -440,8 +452,16 @@ class MLPPotential(Potential):
     # -- the potential --------------------------------------------------------------------
     def value_and_grad(self, u: Tensor) -> tuple[Tensor, Tensor]:
         """``U(u)`` (C,) and ``dU/du`` (C, D); non-finite rows give ``U = inf`` and a zero
-        gradient, as :meth:`Potential.value_and_grad`."""
+        gradient, as :meth:`Potential.value_and_grad`.  Computed in blocks of
+        ``block_chains`` chains (``None``: all at once)."""
         u = u.detach()
+        block = self.block_chains
+        if block is None or u.shape[0] <= block:
+            return self._value_and_grad_block(u)
+        parts = [self._value_and_grad_block(part) for part in u.split(block)]
+        return torch.cat([p for p, _ in parts]), torch.cat([g for _, g in parts])
+
+    def _value_and_grad_block(self, u: Tensor) -> tuple[Tensor, Tensor]:
         chains = u.shape[0]
         work = self._arrays(chains, u)
         out = self._forward(u, work)
