@@ -34,7 +34,14 @@ from pyro_bbb.hmc.adaptation import (
 )
 from pyro_bbb.hmc.chees import MIN_TIMED_DRAWS, map_fit
 from pyro_bbb.hmc.diagnostics import convergence_problems, nested_rhat, reference_converged
-from pyro_bbb.hmc.kernel import HMCInfo, halton, hmc_init, hmc_step, num_leapfrog_steps
+from pyro_bbb.hmc.kernel import (
+    HMCInfo,
+    halton,
+    harmonic_mean,
+    hmc_init,
+    hmc_step,
+    num_leapfrog_steps,
+)
 from pyro_bbb.hmc.potential import Potential
 from pyro_bbb.inference_data import to_inference_data
 
@@ -387,6 +394,30 @@ def test_adapted_inverse_mass_is_the_exact_posterior_variance():
     # Correlated features: diag(Sigma) is not 1 / diag(Lambda), which a metric read off
     # the local curvature would give; the check tells the two apart.
     assert np.all(np.abs(exact * precision.diagonal().numpy() - 1) > 2 * tol)
+
+
+@pytest.mark.parametrize("target", [0.65, 0.8])
+def test_sampling_meets_the_target_acceptance(target):
+    """The step size the warmup leaves gives, when sampling, the acceptance asked for:
+    the harmonic mean over chains (what dual averaging targets) on a 100-dimensional
+    Gaussian with marginal scales 0.1 to 10, from over-dispersed starts.
+
+    Over 10 seeds it was 0.64-0.68 at 0.65 and 0.79-0.81 at 0.8; with Stan's shrinkage
+    (0.05) 0.74-0.78 at 0.65, which the 0.04 tolerance rejects."""
+    scales = torch.logspace(-1, 1, 100, dtype=torch.float64)
+    pot = lambda u: (0.5 * ((u / scales) ** 2).sum(-1), u / scales**2)
+    gen = torch.Generator().manual_seed(0)
+    start = 3 * torch.randn(64, 100, generator=gen, dtype=torch.float64)
+    state, ws, _ = warmup(hmc_init(start, pot), pot, gen, warmup_steps=300,
+                          target_accept_prob=target)
+    step_size, length, inv_mass = warmup_final(ws, 1000)
+    accepted = []
+    for i in range(100):
+        n = num_leapfrog_steps(length, step_size, halton(301 + i), 1000)
+        state, info = hmc_step(state, pot, step_size=step_size, inv_mass=inv_mass, n_steps=n,
+                               generator=gen)
+        accepted.append(harmonic_mean(info.acceptance_rate, info.diverging))
+    assert abs(np.mean(accepted) - target) < 0.04
 
 
 # ----------------------------------------------------------------------------

@@ -5,7 +5,9 @@ the kernel (:mod:`pyro_bbb.hmc.kernel`) returns; :func:`warmup` composes them.
 
 * **step size**: dual averaging (Nesterov 2009, as in Hoffman & Gelman 2014 and Stan)
   on the *harmonic* mean of the chains' acceptance probabilities, which keeps the
-  worst chains moving (ChEES-HMC's choice), towards ``target_accept_prob``.
+  worst chains moving (ChEES-HMC's choice), towards ``target_accept_prob``, with
+  twice Stan's shrinkage (:data:`DUAL_AVERAGING_GAMMA`) so that the averaged step
+  meets the target when sampling.
 * **trajectory length** ``T``: each iteration integrates for ``t = h_n T`` with ``h_n``
   the base-2 Halton (van der Corput) sequence in (0, 1), so ``L = ceil(t / eps)``
   steps; during warmup ``log T`` follows the gradient of the ChEES criterion
@@ -43,7 +45,7 @@ from torch import Tensor
 
 from .kernel import HMCInfo, HMCState, halton, harmonic_mean, hmc_step, num_leapfrog_steps
 
-__all__ = ["ChEESState", "DualAveragingState", "WarmupSchedule", "WarmupState", "WelfordState",
+__all__ = ["DUAL_AVERAGING_GAMMA", "ChEESState", "DualAveragingState", "WarmupSchedule", "WarmupState", "WelfordState",
            "adaptation_windows", "check_start", "chees_init", "chees_restart", "chees_statistics",
            "chees_update", "dual_averaging_init", "dual_averaging_update", "find_step_size",
            "warmup", "warmup_end_window", "warmup_final", "warmup_init", "warmup_schedule",
@@ -66,9 +68,16 @@ def dual_averaging_init(step_size: float) -> DualAveragingState:
     return DualAveragingState(math.log(step_size), math.log(step_size), 0.0, 0, math.log(10 * step_size))
 
 
+#: Dual averaging's shrinkage ``gamma``: Stan's 0.05 swings the iterates by ~0.6 in log
+#: step size within a 50-iteration final buffer, and their average then lies below the
+#: step that meets the target (sampling acceptance 0.74-0.78 against 0.65 on a
+#: 100-dimensional Gaussian, 64 chains, 10 seeds); 0.1 meets it (0.64-0.68).
+DUAL_AVERAGING_GAMMA = 0.1
+
+
 def dual_averaging_update(
     state: DualAveragingState, accept_stat: float, target: float,
-    gamma: float = 0.05, t0: float = 10.0, kappa: float = 0.75,
+    gamma: float = DUAL_AVERAGING_GAMMA, t0: float = 10.0, kappa: float = 0.75,
 ) -> DualAveragingState:
     """One step towards ``accept_stat == target`` (a statistic in [0, 1])."""
     t = state.count + 1
