@@ -520,8 +520,7 @@ def markdown(problems, timings, rows, args, command) -> str:
         "of the run.",
         "",
         *timing_table(timings),
-        *sampler_table(rows),
-        *target_table(rows, timings),
+        *(sampler_table(rows) + target_table(rows, timings) if rows else []),
         *args.notes,
     ]
     return "\n".join(lines) + "\n"
@@ -531,8 +530,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run with tiny budgets")
     parser.add_argument("--sets", nargs="+", default=list(UCI_SETS), choices=[*UCI_SETS, "curve"])
-    parser.add_argument("--samplers", nargs="+", default=["run_hmc", "numpyro", "blackjax"],
-                        choices=["run_hmc", "numpyro", "blackjax", "pyro"])
+    parser.add_argument("--samplers", nargs="*", default=["run_hmc", "numpyro", "blackjax"],
+                        choices=["run_hmc", "numpyro", "blackjax", "pyro"],
+                        help="samplers to run; none (a bare --samplers): the potential timing only")
     parser.add_argument("--hmc", type=_hmc_config, action="append", metavar="CxWxS",
                         help="a run_hmc setting: chains x warmup x draws (repeatable; default 64x200x100: on the curve 64 chains gave 1.15x the ESS per CPU second of 32, 1.36x that of 128; benchmarks/results/hmc_chains_curve.md)")
     parser.add_argument("--blackjax", type=_hmc_config, default=(32, 400, 200), metavar="CxWxS",

@@ -173,8 +173,9 @@ def run_hmc(
     warmup_steps : int, >= 0, default 200
         Adaptation iterations per chain, discarded.
     target_accept_prob : float in (0, 1), default 0.65
-        Target of the harmonic mean (over chains) of the acceptance probability;
-        raise it (0.8, 0.9) if there are divergences.
+        Target of the harmonic mean (over chains) of the acceptance probability, which
+        the adapted step size meets when sampling (ChEES-HMC's and BlackJAX's 0.65);
+        raise it (0.8, 0.9) if there are divergences: ReLU networks may need 0.9.
     max_leapfrog_steps : int, >= 1, default 1000
         Cap on leapfrog steps per iteration.
     num_superchains : int, optional
