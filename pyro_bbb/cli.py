@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nuts: caps each trajectory at 2^depth - 1 leapfrog steps (~1.5 ms a step)")
     h.add_argument("--max-leapfrog-steps", type=_positive_int, default=500,
                    help="hmc: caps each trajectory's leapfrog steps (the adapted length otherwise runs into it)")
-    h.add_argument("--target-accept", type=_probability, default=None, help="target acceptance probability (default: hmc 0.9, nuts 0.8)")
+    h.add_argument("--target-accept", type=_probability, default=None, help=f"target acceptance probability (default: hmc {HMC_TARGET_ACCEPT:g}, nuts 0.8)")
     o = c.add_argument_group("run")
     o.add_argument("--seed", type=_nonnegative_int, default=0, help="seed of data, training and sampling")
     o.add_argument("--out", type=Path, default=Path("out"),
@@ -242,7 +242,10 @@ def _model(args, data, prior_kind=None):
     return bbb.BayesianRegressor(net, prior=prior, noise=args.noise), net, prior_text
 
 
-#: The main job's ChEES target acceptance (see _reference_settings).
+#: The main job's ChEES target acceptance.  At run_hmc's 0.65 ChEES diverged on the
+#: default ReLU curve (7 of 12,800 transitions; 1 at 0.8, none at 0.9), and a reference
+#: with divergences fails its check; at 0.9 the step (0.0022) and time are what they
+#: were at 0.65 before dual averaging met its target (it overshot to ~0.93).
 HMC_TARGET_ACCEPT = 0.9
 
 
@@ -255,10 +258,6 @@ def _reference_settings(args):
         "num_chains": args.chains or (2 if nuts else 32),
         "warmup_steps": args.warmup if args.warmup is not None else 200,
         "num_samples": args.samples or (200 if nuts else 400),
-        # ChEES at run_hmc's 0.65 diverged on the default ReLU curve (7 of 12,800
-        # transitions; 1 at 0.8, none at 0.9), and a reference with divergences fails
-        # its check; at 0.9 the step (0.0022) and time are what they were at 0.65 before
-        # dual averaging met its target (it overshot to ~0.93).
         "target_accept_prob": args.target_accept or (0.8 if nuts else HMC_TARGET_ACCEPT),
     }
 

@@ -360,6 +360,17 @@ def test_first_window_is_tracked_not_inferred_from_the_metric():
     assert later.inv_mass.numpy() == pytest.approx(0.01, rel=0.5)  # the draws' variance
 
 
+def _sample_adapted(state, pot, ws, gen, iterations, first_iteration=0, max_steps=1000):
+    """Transitions with the kernel the warmup ``ws`` left (as run_hmc samples): yields
+    ``(state, info)`` after each."""
+    step_size, length, inv_mass = warmup_final(ws, max_steps)
+    for i in range(first_iteration, first_iteration + iterations):
+        n = num_leapfrog_steps(length, step_size, halton(i + 1), max_steps)
+        state, info = hmc_step(state, pot, step_size=step_size, inv_mass=inv_mass, n_steps=n,
+                               generator=gen)
+        yield state, info
+
+
 def test_adapted_inverse_mass_is_the_exact_posterior_variance():
     """Conjugate linear regression with known noise (exact Gaussian posterior
     N(m, Sigma), strongly correlated features): the adapted diagonal M^-1 is the
@@ -378,12 +389,8 @@ def test_adapted_inverse_mass_is_the_exact_posterior_variance():
     # window's draws mix like draws of the adapted kernel (a metric close to the final
     # one), so n_eff = draws x (bulk ESS per draw) of 200 transitions with the final
     # kernel; 5 sd for each of 3 coordinates (a 2e-6 chance of a false alarm).
-    step_size, length, inv_mass = warmup_final(ws, 1000)
-    sampled = []
-    for i in range(200):
-        n = num_leapfrog_steps(length, step_size, halton(i + 1), 1000)
-        state, _ = hmc_step(state, pot, step_size=step_size, inv_mass=inv_mass, n_steps=n, generator=gen)
-        sampled.append(state.position.numpy())
+    inv_mass = ws.inv_mass  # what warmup_final hands to sampling
+    sampled = [s.position.numpy() for s, _ in _sample_adapted(state, pot, ws, gen, 200)]
     w = np.stack(sampled, 1)
     ess = az.ess(az.convert_to_dataset({"w": w}), method="bulk")["w"].values
     n_eff = draws * np.minimum(ess / w[..., 0].size, 1.0)
@@ -410,13 +417,8 @@ def test_sampling_meets_the_target_acceptance(target):
     start = 3 * torch.randn(64, 100, generator=gen, dtype=torch.float64)
     state, ws, _ = warmup(hmc_init(start, pot), pot, gen, warmup_steps=300,
                           target_accept_prob=target)
-    step_size, length, inv_mass = warmup_final(ws, 1000)
-    accepted = []
-    for i in range(100):
-        n = num_leapfrog_steps(length, step_size, halton(301 + i), 1000)
-        state, info = hmc_step(state, pot, step_size=step_size, inv_mass=inv_mass, n_steps=n,
-                               generator=gen)
-        accepted.append(harmonic_mean(info.acceptance_rate, info.diverging))
+    accepted = [harmonic_mean(info.acceptance_rate, info.diverging)
+                for _, info in _sample_adapted(state, pot, ws, gen, 100, first_iteration=300)]
     assert abs(np.mean(accepted) - target) < 0.04
 
 

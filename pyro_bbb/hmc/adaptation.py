@@ -45,11 +45,12 @@ from torch import Tensor
 
 from .kernel import HMCInfo, HMCState, halton, harmonic_mean, hmc_step, num_leapfrog_steps
 
-__all__ = ["DUAL_AVERAGING_GAMMA", "ChEESState", "DualAveragingState", "WarmupSchedule", "WarmupState", "WelfordState",
-           "adaptation_windows", "check_start", "chees_init", "chees_restart", "chees_statistics",
-           "chees_update", "dual_averaging_init", "dual_averaging_update", "find_step_size",
-           "warmup", "warmup_end_window", "warmup_final", "warmup_init", "warmup_schedule",
-           "warmup_update", "welford_init", "welford_inverse_mass", "welford_update"]
+__all__ = ["DUAL_AVERAGING_GAMMA", "ChEESState", "DualAveragingState", "WarmupSchedule",
+           "WarmupState", "WelfordState", "adaptation_windows", "check_start", "chees_init",
+           "chees_restart", "chees_statistics", "chees_update", "dual_averaging_init",
+           "dual_averaging_update", "find_step_size", "warmup", "warmup_end_window",
+           "warmup_final", "warmup_init", "warmup_schedule", "warmup_update", "welford_init",
+           "welford_inverse_mass", "welford_update"]
 
 
 # ============================================================================
